@@ -1,0 +1,257 @@
+//! Pure builders for the answers the processor sends Envoy.
+//!
+//! Header values are always written to `raw_value`: Envoy 1.40 ignores
+//! `value` in mutations (it would set the header to an empty string).
+//!
+//! Refusals become an `ImmediateResponse` (Envoy answers the client itself,
+//! the upstream never sees the request): 400 for a malformed audience, 403
+//! for one outside the allowlist, 503 when no token can be had.
+
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
+    ProcessingResponse, TrailersResponse, processing_response::Response,
+};
+use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
+
+use crate::audience::Rejection;
+use crate::secret::Token;
+use crate::tokens;
+
+/// What to change in the request headers.
+#[derive(Debug, Default)]
+pub struct Mutation<'a> {
+    /// Header to set to `Bearer <token>` (overwriting any value it has).
+    pub token: Option<(&'a str, &'a Token)>,
+    /// Header to remove (the audience header).
+    pub remove: Option<&'a str>,
+    /// New `:path` (without the audience parameter).
+    pub path: Option<Vec<u8>>,
+}
+
+/// A `request_headers` answer: CONTINUE, with the mutation if there is one.
+pub fn request_headers(mutation: Mutation<'_>) -> ProcessingResponse {
+    let mut set_headers = Vec::new();
+    if let Some((name, token)) = mutation.token {
+        set_headers.push(overwrite(name, token.bearer_header_value().to_vec()));
+    }
+    if let Some(path) = mutation.path {
+        set_headers.push(overwrite(":path", path));
+    }
+    let remove_headers = mutation
+        .remove
+        .map(|h| vec![h.to_owned()])
+        .unwrap_or_default();
+    let header_mutation = if set_headers.is_empty() && remove_headers.is_empty() {
+        None
+    } else {
+        Some(HeaderMutation {
+            set_headers,
+            remove_headers,
+        })
+    };
+    ProcessingResponse {
+        response: Some(Response::RequestHeaders(HeadersResponse {
+            response: Some(CommonResponse {
+                header_mutation,
+                ..Default::default()
+            }),
+        })),
+        ..Default::default()
+    }
+}
+
+fn overwrite(key: &str, raw_value: Vec<u8>) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: String::new(),
+            raw_value,
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+/// The HTTP status for an audience refusal.
+pub fn rejection_status(rejection: &Rejection) -> StatusCode {
+    match rejection {
+        Rejection::Empty { .. }
+        | Rejection::TooLong { .. }
+        | Rejection::Malformed { .. }
+        | Rejection::Ambiguous { .. } => StatusCode::BadRequest,
+        Rejection::NotAllowed { .. } => StatusCode::Forbidden,
+    }
+}
+
+/// Envoy answers the client with 400/403: the audience is refused.
+pub fn refuse(rejection: &Rejection) -> ProcessingResponse {
+    let details = match rejection {
+        Rejection::Empty { .. } => "kube_audience_proxy_empty_audience",
+        Rejection::TooLong { .. } => "kube_audience_proxy_audience_too_long",
+        Rejection::Malformed { .. } => "kube_audience_proxy_malformed_audience",
+        Rejection::Ambiguous { .. } => "kube_audience_proxy_ambiguous_audience",
+        Rejection::NotAllowed { .. } => "kube_audience_proxy_audience_not_allowed",
+    };
+    immediate(rejection_status(rejection), &rejection.to_string(), details)
+}
+
+/// Envoy answers the client with 503: no token could be had.
+pub fn token_unavailable(audience: &str, error: &tokens::Error) -> ProcessingResponse {
+    let reason = format!("no token for audience {audience:?}: {error}");
+    immediate(
+        StatusCode::ServiceUnavailable,
+        &reason,
+        "kube_audience_proxy_token_unavailable",
+    )
+}
+
+fn immediate(status: StatusCode, reason: &str, details: &str) -> ProcessingResponse {
+    let mut body = Vec::with_capacity(reason.len() + 22);
+    body.extend_from_slice(b"kube-audience-proxy: ");
+    body.extend_from_slice(reason.as_bytes());
+    body.push(b'\n');
+    ProcessingResponse {
+        response: Some(Response::ImmediateResponse(ImmediateResponse {
+            status: Some(HttpStatus {
+                code: status as i32,
+            }),
+            headers: Some(HeaderMutation {
+                set_headers: vec![overwrite(
+                    "content-type",
+                    b"text/plain; charset=utf-8".to_vec(),
+                )],
+                remove_headers: Vec::new(),
+            }),
+            body,
+            grpc_status: None,
+            details: details.to_owned(),
+        })),
+        ..Default::default()
+    }
+}
+
+/// Pass-through answers for the phases this processor does not act on, so a
+/// misconfigured Envoy that sends them is answered instead of left hanging.
+pub fn response_headers() -> ProcessingResponse {
+    wrap(Response::ResponseHeaders(HeadersResponse::default()))
+}
+
+/// See [`response_headers`].
+pub fn request_body() -> ProcessingResponse {
+    wrap(Response::RequestBody(BodyResponse::default()))
+}
+
+/// See [`response_headers`].
+pub fn response_body() -> ProcessingResponse {
+    wrap(Response::ResponseBody(BodyResponse::default()))
+}
+
+/// See [`response_headers`].
+pub fn request_trailers() -> ProcessingResponse {
+    wrap(Response::RequestTrailers(TrailersResponse::default()))
+}
+
+/// See [`response_headers`].
+pub fn response_trailers() -> ProcessingResponse {
+    wrap(Response::ResponseTrailers(TrailersResponse::default()))
+}
+
+fn wrap(response: Response) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(response),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audience::{Audience, Source};
+
+    fn mutation_of(resp: &ProcessingResponse) -> &HeaderMutation {
+        match &resp.response {
+            Some(Response::RequestHeaders(h)) => h
+                .response
+                .as_ref()
+                .unwrap()
+                .header_mutation
+                .as_ref()
+                .unwrap(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mutations_use_raw_value_and_overwrite() {
+        let token = Token::new("abc".into()).unwrap();
+        let resp = request_headers(Mutation {
+            token: Some(("authorization", &token)),
+            remove: Some("x-kubernetes-audience"),
+            path: Some(b"/p?x=1".to_vec()),
+        });
+        let m = mutation_of(&resp);
+        assert_eq!(m.remove_headers, ["x-kubernetes-audience"]);
+        let set: Vec<_> = m
+            .set_headers
+            .iter()
+            .map(|o| {
+                let h = o.header.as_ref().unwrap();
+                assert!(
+                    h.value.is_empty(),
+                    "value must stay empty; Envoy reads raw_value"
+                );
+                assert_eq!(
+                    o.append_action,
+                    HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+                );
+                (h.key.as_str(), h.raw_value.as_slice())
+            })
+            .collect();
+        assert_eq!(
+            set,
+            [("authorization", &b"Bearer abc"[..]), (":path", b"/p?x=1")]
+        );
+    }
+
+    #[test]
+    fn no_mutation_means_plain_continue() {
+        let resp = request_headers(Mutation::default());
+        let Some(Response::RequestHeaders(h)) = resp.response else {
+            panic!()
+        };
+        let common = h.response.unwrap();
+        assert_eq!(common.status, 0, "CONTINUE");
+        assert!(common.header_mutation.is_none());
+    }
+
+    #[test]
+    fn refusals_map_to_statuses() {
+        let q = Source::QueryParameter;
+        let aud = Audience::parse(b"x", q).unwrap();
+        let cases = [
+            (Rejection::Empty { from: q }, 400),
+            (Rejection::TooLong { from: q }, 400),
+            (Rejection::Malformed { from: q }, 400),
+            (Rejection::Ambiguous { from: q }, 400),
+            (Rejection::NotAllowed { audience: aud }, 403),
+        ];
+        for (rejection, code) in cases {
+            let Some(Response::ImmediateResponse(i)) = refuse(&rejection).response else {
+                panic!()
+            };
+            assert_eq!(i.status.unwrap().code, code);
+            let body = String::from_utf8(i.body).unwrap();
+            assert_eq!(body, format!("kube-audience-proxy: {rejection}\n"));
+            assert!(!i.details.contains(' '));
+        }
+        let Some(Response::ImmediateResponse(i)) =
+            token_unavailable("aud", &tokens::Error::Forbidden).response
+        else {
+            panic!()
+        };
+        assert_eq!(i.status.unwrap().code, 503);
+        assert!(String::from_utf8(i.body).unwrap().contains("403 Forbidden"));
+    }
+}

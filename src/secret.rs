@@ -1,0 +1,107 @@
+//! Secret-carrying newtypes.
+//!
+//! A bound ServiceAccount token is a credential: whoever holds it can call the
+//! audience it was minted for. These types make sure it cannot reach a log
+//! line, an error message or a metric by accident: `Debug` and `Display` print
+//! a placeholder, there is no `Serialize`, and the value is only reachable
+//! through an explicit, greppable [`Token::expose_secret`] /
+//! [`Token::bearer_header_value`].
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+const REDACTED: &str = "[REDACTED]";
+
+/// A bearer token. Cheap to clone: the header value `Bearer <token>` is built
+/// once when the token arrives and shared by every request that uses it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    inner: Arc<Inner>,
+}
+
+#[derive(PartialEq, Eq)]
+struct Inner {
+    /// `Bearer <token>`, the exact bytes written into the header mutation.
+    bearer: Bytes,
+}
+
+const BEARER_PREFIX: &str = "Bearer ";
+
+impl Token {
+    /// Wraps a token string. Returns `None` for an empty token or one that
+    /// could not be carried in an HTTP header (control characters, spaces,
+    /// non-ASCII), so a malformed API server answer never becomes a header.
+    pub fn new(token: String) -> Option<Token> {
+        let valid = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
+        if !valid {
+            return None;
+        }
+        let mut bearer = String::with_capacity(BEARER_PREFIX.len() + token.len());
+        bearer.push_str(BEARER_PREFIX);
+        bearer.push_str(&token);
+        Some(Token {
+            inner: Arc::new(Inner {
+                bearer: Bytes::from(bearer),
+            }),
+        })
+    }
+
+    /// The raw token. Only for writing it where it belongs.
+    pub fn expose_secret(&self) -> &str {
+        // The prefix is ASCII and the token was checked to be ASCII, so the
+        // slice is on a char boundary and valid UTF-8.
+        std::str::from_utf8(&self.inner.bearer[BEARER_PREFIX.len()..]).unwrap_or_default()
+    }
+
+    /// `Bearer <token>`, shared (no copy of the token per call).
+    pub fn bearer_header_value(&self) -> &Bytes {
+        &self.inner.bearer
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(")?;
+        f.write_str(REDACTED)?;
+        f.write_str(")")
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_never_show_the_token() {
+        let token = Token::new("eyJhbGciOiJSUzI1NiJ9.secret-part.sig".into()).unwrap();
+        assert_eq!(format!("{token:?}"), "Token([REDACTED])");
+        assert_eq!(format!("{token}"), "[REDACTED]");
+        assert_eq!(
+            format!("{:#?}", Some(&token)),
+            "Some(\n    Token([REDACTED]),\n)"
+        );
+        assert_eq!(
+            token.expose_secret(),
+            "eyJhbGciOiJSUzI1NiJ9.secret-part.sig"
+        );
+        assert_eq!(
+            token.bearer_header_value().as_ref(),
+            b"Bearer eyJhbGciOiJSUzI1NiJ9.secret-part.sig"
+        );
+    }
+
+    #[test]
+    fn rejects_tokens_that_cannot_be_header_values() {
+        for bad in ["", "a b", "a\nb", "tök", "a\tb"] {
+            assert!(Token::new(bad.into()).is_none(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Listeners and the server lifecycle.
+//!
+//! [`Listeners::bind`] binds before anything is spawned (tests bind port 0
+//! and read the address back). [`run`] serves ext_proc and grpc.health.v1 on
+//! the gRPC listener and the admin endpoints on the admin listener until the
+//! shutdown future completes, then: health goes NOT_SERVING, the processor
+//! keeps serving for the drain delay (so Envoy stops sending first), stops
+//! accepting, waits for in-flight streams (bounded), and returns.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::{HealthReporter, HealthService};
+
+use crate::config::ListenAddress;
+use crate::ext_proc::ExtProc;
+use crate::tokens::TokenSource;
+
+/// Longest wait for in-flight streams once the drain delay is over.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gRPC listener: loopback TCP or a Unix socket.
+#[derive(Debug)]
+pub enum GrpcListener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A Unix socket; the file is removed when the server stops.
+    Unix(UnixListener, PathBuf),
+}
+
+/// Both listeners, bound.
+#[derive(Debug)]
+pub struct Listeners {
+    /// ext_proc + health.
+    pub grpc: GrpcListener,
+    /// Admin HTTP.
+    pub admin: TcpListener,
+}
+
+/// A listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The gRPC listener.
+    #[error("cannot listen on {address} for gRPC: {source}")]
+    Grpc {
+        /// The address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The admin listener.
+    #[error("cannot listen on {address} for the admin endpoints: {source}")]
+    Admin {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The server failed while running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The gRPC server.
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The admin server.
+    #[error("admin server failed: {0}")]
+    Admin(std::io::Error),
+}
+
+impl Listeners {
+    /// Binds both listeners.
+    pub async fn bind(grpc: &ListenAddress, admin: SocketAddr) -> Result<Listeners, BindError> {
+        let grpc = match grpc {
+            ListenAddress::Tcp(addr) => {
+                GrpcListener::Tcp(TcpListener::bind(addr).await.map_err(|source| {
+                    BindError::Grpc {
+                        address: addr.to_string(),
+                        source,
+                    }
+                })?)
+            }
+            ListenAddress::Unix(path) => {
+                let grpc_error = |source| BindError::Grpc {
+                    address: format!("unix:{}", path.display()),
+                    source,
+                };
+                remove_stale_socket(path).map_err(grpc_error)?;
+                let listener = UnixListener::bind(path).map_err(grpc_error)?;
+                GrpcListener::Unix(listener, path.clone())
+            }
+        };
+        let admin = TcpListener::bind(admin)
+            .await
+            .map_err(|source| BindError::Admin {
+                address: admin,
+                source,
+            })?;
+        Ok(Listeners { grpc, admin })
+    }
+
+    /// The gRPC address, as `IP:PORT` or `unix:PATH`.
+    pub fn grpc_address(&self) -> String {
+        match &self.grpc {
+            GrpcListener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            GrpcListener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+
+    /// The admin address.
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+}
+
+/// A socket file left by a previous run would make `bind` fail; anything
+/// that is not a socket is left alone (and `bind` reports it).
+fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Serves until `shutdown` completes, then drains (see the module docs).
+pub async fn run<S: TokenSource>(
+    processor: ExtProc<S>,
+    listeners: Listeners,
+    shutdown_delay: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let reporter = HealthReporter::new();
+    let health = || HealthService::from_health_reporter(reporter.clone());
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_serving::<ExternalProcessorServer<ExtProc<S>>>()
+        .await;
+
+    let grpc_address = listeners.grpc_address();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        // An error means the sender is gone, which also means stop.
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let admin = tokio::spawn(crate::admin::serve(
+        listeners.admin,
+        health(),
+        stopped(stop_rx.clone()),
+    ));
+
+    let router = tonic::transport::Server::builder()
+        .add_service(tonic_health::pb::health_server::HealthServer::new(health()))
+        .add_service(processor.into_service());
+    let mut socket_path = None;
+    let grpc = match listeners.grpc {
+        GrpcListener::Tcp(listener) => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx)))
+        }
+        GrpcListener::Unix(listener, path) => {
+            socket_path = Some(path);
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx)))
+        }
+    };
+    tracing::info!(grpc = %grpc_address, "serving ext_proc and grpc.health.v1");
+
+    shutdown.await;
+    tracing::info!(delay = ?shutdown_delay, "shutting down: reporting NOT_SERVING, then draining");
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_not_serving::<ExternalProcessorServer<ExtProc<S>>>()
+        .await;
+    tokio::time::sleep(shutdown_delay).await;
+    let _ = stop_tx.send(true);
+
+    let result = match tokio::time::timeout(DRAIN_TIMEOUT, grpc).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(ServeError::Grpc(e)),
+        Ok(Err(join)) => {
+            tracing::error!(error = %join, "gRPC server task failed");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "in-flight streams did not finish in time");
+            Ok(())
+        }
+    };
+    match tokio::time::timeout(DRAIN_TIMEOUT, admin).await {
+        Ok(Ok(Err(e))) => return Err(ServeError::Admin(e)),
+        Ok(Ok(Ok(()))) | Ok(Err(_)) | Err(_) => {}
+    }
+    if let Some(path) = socket_path {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("stopped");
+    result
+}

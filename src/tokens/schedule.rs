@@ -1,0 +1,136 @@
+//! The refresh policy, as pure functions of durations (no clock inside).
+//!
+//! - A token is refreshed in the background once 80 % of its lifetime has
+//!   passed (the kubelet's rule for projected tokens), minus a little jitter
+//!   so that many audiences minted together do not refresh together.
+//! - A token is served until [`Policy::expiry_margin`] before it expires,
+//!   even while refreshes fail; after that the proxy fails closed.
+//! - Failed refreshes are retried with exponential backoff; a `Retry-After`
+//!   from the API server is honoured (clamped to a sane window).
+
+use std::time::Duration;
+
+/// Refresh and retry tuning. [`Policy::default`] is what the proxy uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Policy {
+    /// Fraction of the lifetime after which a refresh starts.
+    pub refresh_fraction: f64,
+    /// Largest fraction of the lifetime the refresh may start earlier.
+    pub jitter_fraction: f64,
+    /// A token is not handed out closer than this to its expiry.
+    pub expiry_margin: Duration,
+    /// First retry delay after a failed refresh.
+    pub min_backoff: Duration,
+    /// Longest retry delay (exponential growth stops here).
+    pub max_backoff: Duration,
+    /// Longest `Retry-After` honoured.
+    pub max_retry_after: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            refresh_fraction: 0.8,
+            jitter_fraction: 0.05,
+            expiry_margin: Duration::from_secs(30),
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            max_retry_after: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Policy {
+    /// When, after receipt, a token of `lifetime` should be refreshed.
+    /// `jitter` is a number in `[0, 1)` (random in production).
+    pub fn refresh_after(&self, lifetime: Duration, jitter: f64) -> Duration {
+        let jitter = jitter.clamp(0.0, 1.0);
+        let fraction = (self.refresh_fraction - self.jitter_fraction * jitter).max(0.0);
+        lifetime.mul_f64(fraction)
+    }
+
+    /// For how long, after receipt, a token of `lifetime` may be handed out.
+    /// Zero means the token is useless.
+    pub fn usable_for(&self, lifetime: Duration) -> Duration {
+        lifetime.saturating_sub(self.expiry_margin)
+    }
+
+    /// How long to wait before retry number `attempt` (0 for the first
+    /// retry) after a failure; `retry_after` is the server's hint.
+    pub fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let exponential = self
+            .min_backoff
+            .checked_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff);
+        match retry_after {
+            Some(hint) => exponential.max(hint.min(self.max_retry_after)),
+            None => exponential,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn refresh_at_eighty_percent_minus_jitter() {
+        let p = Policy::default();
+        assert_eq!(p.refresh_after(HOUR, 0.0), Duration::from_secs(2880));
+        assert_eq!(p.refresh_after(HOUR, 1.0), Duration::from_secs(2700));
+        let jittered = p.refresh_after(HOUR, 0.5);
+        assert!(jittered < Duration::from_secs(2880) && jittered > Duration::from_secs(2700));
+        // Out-of-range jitter is clamped rather than trusted.
+        assert_eq!(p.refresh_after(HOUR, -3.0), Duration::from_secs(2880));
+        assert_eq!(p.refresh_after(HOUR, 7.0), Duration::from_secs(2700));
+    }
+
+    #[test]
+    fn usable_until_thirty_seconds_before_expiry() {
+        let p = Policy::default();
+        assert_eq!(p.usable_for(HOUR), Duration::from_secs(3570));
+        assert_eq!(p.usable_for(Duration::from_secs(30)), Duration::ZERO);
+        assert_eq!(p.usable_for(Duration::from_secs(5)), Duration::ZERO);
+    }
+
+    #[test]
+    fn refresh_always_happens_while_the_token_is_still_usable() {
+        let p = Policy::default();
+        for secs in [600u64, 601, 3600, 86_400, 172_800] {
+            let lifetime = Duration::from_secs(secs);
+            for jitter in [0.0, 0.5, 0.999] {
+                assert!(p.refresh_after(lifetime, jitter) < p.usable_for(lifetime));
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = Policy::default();
+        let secs: Vec<u64> = (0..9).map(|a| p.backoff(a, None).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(p.backoff(u32::MAX, None), p.max_backoff);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_within_bounds() {
+        let p = Policy::default();
+        assert_eq!(
+            p.backoff(0, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        // Never shorter than our own backoff.
+        assert_eq!(
+            p.backoff(5, Some(Duration::from_secs(1))),
+            Duration::from_secs(32)
+        );
+        // A huge hint is clamped.
+        assert_eq!(
+            p.backoff(0, Some(Duration::from_secs(86_400))),
+            p.max_retry_after
+        );
+    }
+}
