@@ -24,7 +24,7 @@ pub const MIN_TOKEN_EXPIRATION: Duration = Duration::from_secs(600);
 /// background), and tells Envoy to set `authorization: Bearer <token>` and to
 /// drop the audience header and parameter.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, args_override_self = true)]
 pub struct Cli {
     /// ServiceAccount whose tokens are minted (required).
     #[arg(long, env = "SERVICE_ACCOUNT", value_name = "NAME")]

@@ -65,6 +65,9 @@ pub async fn kube_client(settings: &KubeSettings) -> Result<kube::Client, KubeCo
     if let Some(url) = &settings.apiserver {
         config.cluster_url = url.clone();
     }
+    // The token cache owns retries (backoff, Retry-After, serve-while-valid);
+    // kube's own retry loop would hide failures and multiply TokenRequests.
+    config.default_retry = false;
     Ok(kube::Client::try_from(config)?)
 }
 

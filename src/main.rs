@@ -40,7 +40,7 @@ async fn main() -> ExitCode {
     };
     tracing::info!(
         grpc = %listeners.grpc_address(),
-        admin = ?listeners.admin_address(),
+        admin = %listeners.admin_address(),
         service_account = %config.service_account,
         namespace = %config.namespace,
         "kube-audience-proxy ready"

@@ -115,9 +115,12 @@ impl Listeners {
         }
     }
 
-    /// The admin address.
-    pub fn admin_address(&self) -> Option<SocketAddr> {
-        self.admin.local_addr().ok()
+    /// The admin address, as `IP:PORT`.
+    pub fn admin_address(&self) -> String {
+        self.admin
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
     }
 }
 

@@ -1,0 +1,457 @@
+//! The ext_proc service over real gRPC on loopback (and a Unix socket),
+//! driven the way Envoy drives it, against the TokenRequest-compatible test
+//! API server over real TLS.
+
+mod support;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    CommonResponse, HeaderMutation, HttpBody, HttpHeaders, HttpTrailers, ImmediateResponse,
+    ProcessingRequest, ProcessingResponse,
+};
+use support::apiserver::{ApiServerOptions, FakeApiServer, Fault};
+use support::inproc::{InProcess, config, get, process_one, request_headers};
+
+struct Setup {
+    api: FakeApiServer,
+    proc: InProcess,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(extra: &[&str]) -> Setup {
+    setup_with(ApiServerOptions::default(), extra).await
+}
+
+async fn setup_with(opts: ApiServerOptions, extra: &[&str]) -> Setup {
+    let api = FakeApiServer::start(opts).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let proc = InProcess::start(config(&kubeconfig, extra)).await;
+    Setup {
+        api,
+        proc,
+        _dir: dir,
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn common(response: &ProcessingResponse) -> &CommonResponse {
+    match &response.response {
+        Some(Response::RequestHeaders(h)) => h.response.as_ref().expect("a CommonResponse"),
+        other => panic!("expected a request_headers answer, got {other:?}"),
+    }
+}
+
+fn mutation(response: &ProcessingResponse) -> &HeaderMutation {
+    common(response)
+        .header_mutation
+        .as_ref()
+        .expect("a header mutation")
+}
+
+/// The raw value the mutation sets for `key`; `value` must stay empty.
+fn set_value(response: &ProcessingResponse, key: &str) -> Option<String> {
+    mutation(response).set_headers.iter().find_map(|o| {
+        let h = o.header.as_ref().unwrap();
+        (h.key == key).then(|| {
+            assert!(h.value.is_empty(), "mutations must use raw_value only");
+            String::from_utf8(h.raw_value.clone()).unwrap()
+        })
+    })
+}
+
+fn immediate(response: &ProcessingResponse) -> &ImmediateResponse {
+    match &response.response {
+        Some(Response::ImmediateResponse(i)) => i,
+        other => panic!("expected an immediate response, got {other:?}"),
+    }
+}
+
+fn status_and_body(response: &ProcessingResponse) -> (i32, String) {
+    let i = immediate(response);
+    (
+        i.status.as_ref().unwrap().code,
+        String::from_utf8(i.body.clone()).unwrap(),
+    )
+}
+
+/// Checks the injected bearer token: signed by the API server, `aud` exactly
+/// `[audience]`, the right subject, not expired.
+fn assert_token_for(api: &FakeApiServer, response: &ProcessingResponse, audience: &str) {
+    let header = set_value(response, "authorization").expect("authorization is set");
+    let token = header.strip_prefix("Bearer ").expect("Bearer scheme");
+    let claims = api
+        .verifier()
+        .verify(token, Some(audience), now())
+        .expect("a valid token");
+    assert_eq!(claims.aud, [audience]);
+    assert_eq!(claims.sub, "system:serviceaccount:demo:app");
+    assert!(claims.exp > now() + 3000, "about an hour of validity");
+}
+
+#[tokio::test]
+async fn query_parameter_audience_is_injected_and_stripped() {
+    let s = setup(&[]).await;
+    let mut client = s.proc.client().await;
+    let resp = process_one(
+        &mut client,
+        get("/metrics?kubernetes-audience=prometheus&x=1&x=%2F"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_token_for(&s.api, &resp, "prometheus");
+    assert_eq!(
+        set_value(&resp, ":path").as_deref(),
+        Some("/metrics?x=1&x=%2F")
+    );
+    assert!(mutation(&resp).remove_headers.is_empty());
+    assert_eq!(common(&resp).status, 0, "CONTINUE");
+
+    // The TokenRequest the API server saw.
+    let body = s.api.last_request().unwrap();
+    assert_eq!(body["spec"]["audiences"], serde_json::json!(["prometheus"]));
+    assert_eq!(body["spec"]["expirationSeconds"], 3600);
+    assert!(body["spec"].get("boundObjectRef").is_none());
+
+    // Cached: a second request makes no new TokenRequest.
+    let again = process_one(&mut client, get("/?kubernetes-audience=prometheus"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        set_value(&again, "authorization"),
+        set_value(&resp, "authorization")
+    );
+    assert_eq!(set_value(&again, ":path").as_deref(), Some("/"));
+    assert_eq!(s.api.token_requests(), 1);
+    s.proc.stop().await;
+}
+
+#[tokio::test]
+async fn header_audience_wins_and_is_removed() {
+    let s = setup(&[]).await;
+    let mut client = s.proc.client().await;
+    let msg = request_headers(&[
+        (":method", "GET"),
+        (":authority", "upstream.test"),
+        (":path", "/p?kubernetes-audience=from-query"),
+        ("x-kubernetes-audience", "from-header"),
+        ("authorization", "Bearer client-supplied"),
+    ]);
+    let resp = process_one(&mut client, msg, Some("from-metadata"))
+        .await
+        .unwrap();
+    assert_token_for(&s.api, &resp, "from-header");
+    assert_eq!(mutation(&resp).remove_headers, ["x-kubernetes-audience"]);
+    // The losing query parameter is still removed.
+    assert_eq!(set_value(&resp, ":path").as_deref(), Some("/p"));
+    assert_eq!(s.api.requests_for_audience("from-query"), 0);
+}
+
+#[tokio::test]
+async fn metadata_then_default_audience() {
+    let s = setup(&["--default-audience", "fallback"]).await;
+    let mut client = s.proc.client().await;
+    let resp = process_one(&mut client, get("/p"), Some("per-route"))
+        .await
+        .unwrap();
+    assert_token_for(&s.api, &resp, "per-route");
+    assert_eq!(set_value(&resp, ":path"), None, "path untouched");
+    let resp = process_one(&mut client, get("/p"), None).await.unwrap();
+    assert_token_for(&s.api, &resp, "fallback");
+}
+
+#[tokio::test]
+async fn no_audience_means_no_mutation() {
+    let s = setup(&[]).await;
+    let mut client = s.proc.client().await;
+    let resp = process_one(&mut client, get("/plain?x=1"), None)
+        .await
+        .unwrap();
+    let common = common(&resp);
+    assert_eq!(common.status, 0);
+    assert!(common.header_mutation.is_none());
+    assert_eq!(s.api.token_requests(), 0);
+}
+
+#[tokio::test]
+async fn malformed_audiences_get_400() {
+    let s = setup(&[]).await;
+    let mut client = s.proc.client().await;
+    let long = format!("/?kubernetes-audience={}", "a".repeat(1025));
+    for path in [
+        "/?kubernetes-audience=",
+        long.as_str(),
+        "/?kubernetes-audience=a%00b",
+        "/?kubernetes-audience=a&kubernetes-audience=b",
+    ] {
+        let resp = process_one(&mut client, get(path), None).await.unwrap();
+        let (code, body) = status_and_body(&resp);
+        assert_eq!(code, 400, "{path}: {body}");
+        assert!(body.starts_with("kube-audience-proxy: the "), "{body}");
+    }
+    let bad_header = request_headers(&[(":path", "/"), ("x-kubernetes-audience", "a\u{1}b")]);
+    assert_eq!(
+        status_and_body(&process_one(&mut client, bad_header, None).await.unwrap()).0,
+        400
+    );
+    assert_eq!(s.api.token_requests(), 0);
+}
+
+#[tokio::test]
+async fn audiences_outside_the_allowlist_get_403() {
+    let s = setup(&[
+        "--allowed-audience",
+        "https://*.example.com",
+        "--allowed-audience",
+        "exact",
+    ])
+    .await;
+    let mut client = s.proc.client().await;
+    let resp = process_one(&mut client, get("/?kubernetes-audience=other"), None)
+        .await
+        .unwrap();
+    let (code, body) = status_and_body(&resp);
+    assert_eq!(code, 403);
+    assert_eq!(
+        body,
+        "kube-audience-proxy: the audience \"other\" is not allowed by this proxy\n"
+    );
+    let ok = process_one(
+        &mut client,
+        get("/?kubernetes-audience=https%3A%2F%2Fa.example.com"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_token_for(&s.api, &ok, "https://a.example.com");
+    assert_eq!(s.api.token_requests(), 1);
+}
+
+#[tokio::test]
+async fn api_server_refusals_become_503_with_the_reason() {
+    // The ServiceAccount exists but RBAC does not allow creating its tokens.
+    let opts = ApiServerOptions {
+        permitted_service_accounts: vec!["someone-else".into()],
+        ..Default::default()
+    };
+    let s = setup_with(opts, &[]).await;
+    let mut client = s.proc.client().await;
+    let resp = process_one(&mut client, get("/?kubernetes-audience=a"), None)
+        .await
+        .unwrap();
+    let (code, body) = status_and_body(&resp);
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("no token for audience \"a\"") && body.contains("403 Forbidden"),
+        "{body}"
+    );
+
+    // Rate limited, server errors, timeouts: all 503, each with its reason.
+    let s = setup(&["--token-request-timeout", "500ms"]).await;
+    let mut client = s.proc.client().await;
+    for (fault, reason) in [
+        (
+            Fault::TooManyRequests {
+                retry_after_secs: 3,
+            },
+            "429 Too Many Requests",
+        ),
+        (Fault::Status(500), "HTTP 500"),
+        (Fault::Hang, "did not answer the TokenRequest within 500ms"),
+    ] {
+        s.api.inject(fault, 1);
+        let resp = process_one(&mut client, get("/?kubernetes-audience=a"), None)
+            .await
+            .unwrap();
+        let (code, body) = status_and_body(&resp);
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains(reason), "{body}");
+    }
+    // And the next request, with the API server healthy again, gets a token.
+    let resp = process_one(&mut client, get("/?kubernetes-audience=a"), None)
+        .await
+        .unwrap();
+    assert_token_for(&s.api, &resp, "a");
+}
+
+#[tokio::test]
+async fn fail_open_forwards_without_a_token() {
+    let s = setup(&["--on-token-error", "allow"]).await;
+    s.api.inject(Fault::Status(503), usize::MAX);
+    let mut client = s.proc.client().await;
+    let msg = request_headers(&[
+        (":path", "/p?kubernetes-audience=a&y"),
+        ("x-kubernetes-audience", "a"),
+    ]);
+    let resp = process_one(&mut client, msg, None).await.unwrap();
+    assert_eq!(set_value(&resp, "authorization"), None);
+    // The audience markers are still removed.
+    assert_eq!(set_value(&resp, ":path").as_deref(), Some("/p?y"));
+    assert_eq!(mutation(&resp).remove_headers, ["x-kubernetes-audience"]);
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_make_one_token_request() {
+    let s = setup(&[]).await;
+    s.api.set_latency(Duration::from_millis(300));
+    let client = s.proc.client().await;
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                process_one(&mut client, get("/?kubernetes-audience=cold"), None).await
+            })
+        })
+        .collect();
+    let mut tokens = std::collections::HashSet::new();
+    for task in tasks {
+        let resp = task.await.unwrap().unwrap();
+        tokens.insert(set_value(&resp, "authorization").unwrap());
+    }
+    assert_eq!(tokens.len(), 1, "every request got the same token");
+    assert_eq!(s.api.token_requests(), 1);
+    assert_eq!(s.api.requests_for_audience("cold"), 1);
+}
+
+#[tokio::test]
+async fn bound_pod_tokens_carry_the_pod() {
+    let s = setup(&[
+        "--bind-pod",
+        "--pod-name",
+        "web-0",
+        "--pod-uid",
+        "0b9a2c1e-uid",
+        "--token-expiration",
+        "15m",
+    ])
+    .await;
+    let mut client = s.proc.client().await;
+    let resp = process_one(&mut client, get("/?kubernetes-audience=a"), None)
+        .await
+        .unwrap();
+    let body = s.api.last_request().unwrap();
+    assert_eq!(body["spec"]["expirationSeconds"], 900);
+    assert_eq!(body["spec"]["boundObjectRef"]["kind"], "Pod");
+    assert_eq!(body["spec"]["boundObjectRef"]["name"], "web-0");
+    assert_eq!(body["spec"]["boundObjectRef"]["uid"], "0b9a2c1e-uid");
+    let header = set_value(&resp, "authorization").unwrap();
+    let claims = s
+        .api
+        .verifier()
+        .verify(header.strip_prefix("Bearer ").unwrap(), Some("a"), now())
+        .unwrap();
+    assert_eq!(claims.pod_name.as_deref(), Some("web-0"));
+    assert!(claims.exp <= now() + 900);
+}
+
+#[tokio::test]
+async fn other_phases_pass_through_and_bad_messages_end_the_stream() {
+    let s = setup(&[]).await;
+    let mut client = s.proc.client().await;
+    let phases = [
+        (
+            Phase::ResponseHeaders(HttpHeaders::default()),
+            "response_headers",
+        ),
+        (Phase::RequestBody(HttpBody::default()), "request_body"),
+        (Phase::ResponseBody(HttpBody::default()), "response_body"),
+        (
+            Phase::RequestTrailers(HttpTrailers::default()),
+            "request_trailers",
+        ),
+        (
+            Phase::ResponseTrailers(HttpTrailers::default()),
+            "response_trailers",
+        ),
+    ];
+    for (phase, name) in phases {
+        let msg = ProcessingRequest {
+            request: Some(phase),
+            ..Default::default()
+        };
+        let resp = process_one(&mut client, msg, None).await.unwrap();
+        let ok = matches!(
+            (&resp.response, name),
+            (Some(Response::ResponseHeaders(h)), "response_headers") if h.response.is_none()
+        ) || matches!((&resp.response, name), (Some(Response::RequestBody(b)), "request_body") if b.response.is_none())
+            || matches!((&resp.response, name), (Some(Response::ResponseBody(b)), "response_body") if b.response.is_none())
+            || matches!((&resp.response, name), (Some(Response::RequestTrailers(t)), "request_trailers") if t.header_mutation.is_none())
+            || matches!((&resp.response, name), (Some(Response::ResponseTrailers(t)), "response_trailers") if t.header_mutation.is_none());
+        assert!(ok, "{name}: {resp:?}");
+    }
+    let err = process_one(&mut client, ProcessingRequest::default(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // A stream carrying several messages gets one answer each, in order.
+    let stream = tokio_stream::iter(vec![
+        get("/?kubernetes-audience=a"),
+        ProcessingRequest {
+            request: Some(Phase::ResponseHeaders(HttpHeaders::default())),
+            ..Default::default()
+        },
+    ]);
+    let mut answers = client.process(stream).await.unwrap().into_inner();
+    assert!(matches!(
+        answers.message().await.unwrap().unwrap().response,
+        Some(Response::RequestHeaders(_))
+    ));
+    assert!(matches!(
+        answers.message().await.unwrap().unwrap().response,
+        Some(Response::ResponseHeaders(_))
+    ));
+    assert!(answers.message().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn serves_over_a_unix_socket_with_health() {
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let socket = dir.path().join("kap.sock");
+    // A stale socket file from an earlier run does not stop the start.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let address = format!("unix:{}", socket.display());
+    let proc = InProcess::start(config(&kubeconfig, &["--grpc-listen-address", &address])).await;
+    let mut client = proc.client().await;
+    let resp = process_one(&mut client, get("/?kubernetes-audience=uds"), None)
+        .await
+        .unwrap();
+    assert_token_for(&api, &resp, "uds");
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(proc.channel().await);
+    for service in ["", "envoy.service.ext_proc.v3.ExternalProcessor"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+    let (code, body) = support::curl::get(&format!("http://{}/readyz", proc.admin)).await;
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+    let (code, _) = support::curl::get(&format!("http://{}/healthz", proc.admin)).await;
+    assert_eq!(code, 200);
+    proc.stop().await;
+    assert!(!socket.exists(), "the socket file is removed on shutdown");
+}

@@ -1,0 +1,175 @@
+//! The processor run in-process through the library (the same `server::run`
+//! the binary calls), on ephemeral loopback ports, with a tonic client.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use clap::Parser;
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpHeaders, ProcessingRequest, ProcessingResponse,
+};
+use kube_audience_proxy::config::{Cli, Config};
+use kube_audience_proxy::server::{self, Listeners, ServeError};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// A processor served in-process.
+pub struct InProcess {
+    /// `IP:PORT` or `unix:PATH`.
+    pub grpc: String,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+/// Parses the processor's command line as the binary would, with the
+/// defaults the tests share (ServiceAccount `app` in `demo`, ephemeral ports,
+/// no drain delay); `extra` flags come last and win.
+pub fn config(kubeconfig: &Path, extra: &[&str]) -> Config {
+    let mut argv = vec![
+        "kube-audience-proxy",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--service-account",
+        "app",
+        "--namespace",
+        "demo",
+        "--grpc-listen-address",
+        "127.0.0.1:0",
+        "--admin-listen-address",
+        "127.0.0.1:0",
+        "--shutdown-delay",
+        "0s",
+    ];
+    argv.extend_from_slice(extra);
+    Config::try_from(Cli::try_parse_from(argv).unwrap()).unwrap()
+}
+
+impl InProcess {
+    /// Starts the processor for `config`.
+    pub async fn start(config: Config) -> InProcess {
+        let client = kube_audience_proxy::kube_client(&config.kube)
+            .await
+            .unwrap();
+        let source = kube_audience_proxy::token_source(client, &config);
+        let listeners = Listeners::bind(&config.grpc_listen, config.admin_listen)
+            .await
+            .unwrap();
+        let grpc = listeners.grpc_address();
+        let admin = listeners.admin_address().parse().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(
+            kube_audience_proxy::processor(&config, source),
+            listeners,
+            config.shutdown_delay,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        InProcess {
+            grpc,
+            admin,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A tonic channel to the gRPC listener (TCP or Unix socket).
+    pub async fn channel(&self) -> Channel {
+        if let Some(path) = self.grpc.strip_prefix("unix:") {
+            let path = path.to_owned();
+            tonic::transport::Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                }))
+                .await
+                .unwrap()
+        } else {
+            Channel::from_shared(format!("http://{}", self.grpc))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+        }
+    }
+
+    /// An ext_proc client.
+    pub async fn client(&self) -> ExternalProcessorClient<Channel> {
+        ExternalProcessorClient::new(self.channel().await)
+    }
+
+    /// Stops the server and waits for it (it must return Ok).
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A `request_headers` message like Envoy's: values only in `raw_value`.
+pub fn request_headers(headers: &[(&str, &str)]) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(Phase::RequestHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: (*k).to_owned(),
+                        value: String::new(),
+                        raw_value: v.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            }),
+            end_of_stream: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// Headers of a GET through the forward proxy for `path`.
+pub fn get(path: &str) -> ProcessingRequest {
+    request_headers(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "upstream.test"),
+        (":path", path),
+        ("user-agent", "test"),
+    ])
+}
+
+/// Sends one message on a new stream (as Envoy does per HTTP request) with
+/// optional `x-kubernetes-audience` stream metadata, and returns the answer.
+pub async fn process_one(
+    client: &mut ExternalProcessorClient<Channel>,
+    message: ProcessingRequest,
+    metadata_audience: Option<&str>,
+) -> Result<ProcessingResponse, tonic::Status> {
+    let mut request = tonic::Request::new(tokio_stream::iter(vec![message]));
+    if let Some(aud) = metadata_audience {
+        request
+            .metadata_mut()
+            .insert("x-kubernetes-audience", aud.parse().unwrap());
+    }
+    let mut responses = client.process(request).await?.into_inner();
+    match responses.message().await? {
+        Some(response) => Ok(response),
+        None => Err(tonic::Status::internal("stream ended without an answer")),
+    }
+}

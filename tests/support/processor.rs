@@ -1,0 +1,129 @@
+//! Runs the real `kube-audience-proxy` binary on ephemeral loopback ports and
+//! collects everything it writes to stderr (its log).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A running processor; killed on drop.
+pub struct Processor {
+    child: Child,
+    /// The gRPC address Envoy uses (`IP:PORT` or `unix:PATH`).
+    pub grpc: String,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Processor {
+    /// Starts the binary with `--kubeconfig kubeconfig`, namespace `demo`,
+    /// ServiceAccount `app`, ephemeral ports, no drain delay, debug logs, and
+    /// `extra` arguments (later flags win). Waits for its "ready" log line.
+    pub async fn start(kubeconfig: &Path, extra: &[&str]) -> Processor {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kube-audience-proxy"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args([
+                "--service-account",
+                "app",
+                "--namespace",
+                "demo",
+                "--grpc-listen-address",
+                "127.0.0.1:0",
+                "--admin-listen-address",
+                "127.0.0.1:0",
+                "--shutdown-delay",
+                "0s",
+                "--log-level",
+                "debug",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn kube-audience-proxy");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let log = log.clone();
+            let ready_tx = ready_tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.contains("kube-audience-proxy ready") {
+                        let _ = ready_tx.send(line.clone());
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        drop(ready_tx);
+        let line = match tokio::time::timeout(Duration::from_secs(20), ready_rx.recv()).await {
+            Ok(Some(line)) => line,
+            _ => {
+                let status = child.try_wait().ok().flatten();
+                panic!(
+                    "processor did not start ({status:?}):\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        let grpc = field(&line, "grpc").expect("grpc= in the ready line");
+        let admin = field(&line, "admin")
+            .and_then(|a| a.parse().ok())
+            .expect("admin= in the ready line");
+        Processor {
+            child,
+            grpc,
+            admin,
+            log,
+        }
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub async fn terminate(mut self) -> (ExitStatus, String) {
+        let pid = self.child.id().expect("running").to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the processor exits after SIGTERM")
+            .unwrap();
+        // Let the reader tasks drain the pipes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (status, self.logs())
+    }
+}
+
+/// The value of `key=` in a logfmt line (quoted or not).
+fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    if let Some(quoted) = rest.strip_prefix('"') {
+        Some(quoted[..quoted.find('"')?].to_owned())
+    } else {
+        Some(rest.split_whitespace().next()?.to_owned())
+    }
+}

@@ -1,0 +1,307 @@
+//! A plain-HTTP (HTTP/1.1 and h2c prior-knowledge) upstream that verifies the
+//! bearer JWT of every request, records what it received and answers with a
+//! JSON description of it (never the token itself).
+//!
+//! A request whose path starts with `/status/NNN` is answered with status NNN
+//! (same JSON body), for tests of error pass-through.
+//!
+//! Test fixture only; never part of the shipped binary.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::apiserver::spawn_accept_loop;
+use super::jwt::{Claims, JwtVerifier, now_unix};
+
+/// Largest request body the upstream reads.
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // a test fixture; matching on `Valid(claims)` stays simple
+pub enum TokenVerdict {
+    /// No `Authorization` header.
+    Missing,
+    /// A bearer JWT that verified (signature, `iss`, `exp`, `nbf`); `aud` is
+    /// not checked here, compare `claims.aud` in the test.
+    Valid(Claims),
+    /// Anything else (bad token, non-bearer scheme, several headers, ...).
+    Invalid(String),
+}
+
+impl TokenVerdict {
+    pub fn claims(&self) -> Option<&Claims> {
+        match self {
+            TokenVerdict::Valid(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub fn is_valid(&self) -> bool {
+        matches!(self, TokenVerdict::Valid(_))
+    }
+
+    fn to_json(&self) -> Value {
+        match self {
+            TokenVerdict::Missing => json!({"token": "missing"}),
+            TokenVerdict::Invalid(reason) => json!({"token": "invalid", "reason": reason}),
+            TokenVerdict::Valid(c) => {
+                let pod = match (&c.pod_name, &c.pod_uid) {
+                    (Some(name), Some(uid)) => json!({"name": name, "uid": uid}),
+                    _ => Value::Null,
+                };
+                json!({
+                    "token": "valid",
+                    "aud": c.aud,
+                    "sub": c.sub,
+                    "iss": c.iss,
+                    "exp_in_secs": c.exp - now_unix(),
+                    "namespace": c.namespace,
+                    "service_account": c.service_account_name,
+                    "pod": pod,
+                })
+            }
+        }
+    }
+}
+
+/// One request as seen by the upstream.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    /// Path and query exactly as received.
+    pub path: String,
+    /// `:authority` (HTTP/2) or `Host` (HTTP/1.1).
+    pub authority: Option<String>,
+    /// `"HTTP/1.1"`, `"HTTP/2.0"`, ...
+    pub version: String,
+    /// All headers in order; the `authorization` value is replaced by `[REDACTED]`.
+    pub headers: Vec<(String, String)>,
+    /// The raw bearer token, for assertions only (never print it).
+    pub token: Option<String>,
+    pub verdict: TokenVerdict,
+    pub body_len: usize,
+    /// Lowercase hex SHA-256 of the body.
+    pub body_sha256: String,
+}
+
+impl Received {
+    /// Values of header `name` (case-insensitive), in order.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.header_values(name).into_iter().next()
+    }
+}
+
+struct UpstreamState {
+    verifier: JwtVerifier,
+    received: Mutex<Vec<Received>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct Upstream {
+    state: Arc<UpstreamState>,
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    pub async fn start(verifier: JwtVerifier) -> Upstream {
+        let state = Arc::new(UpstreamState {
+            verifier,
+            received: Mutex::new(Vec::new()),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("local addr");
+        let handler_state = state.clone();
+        let task = spawn_accept_loop(listener, None, move |req| {
+            handle(handler_state.clone(), req)
+        });
+        Upstream { state, addr, task }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.state.received).clone()
+    }
+
+    pub fn last(&self) -> Option<Received> {
+        lock(&self.state.received).last().cloned()
+    }
+
+    pub fn count(&self) -> usize {
+        lock(&self.state.received).len()
+    }
+
+    pub fn clear(&self) {
+        lock(&self.state.received).clear();
+    }
+}
+
+async fn handle(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let method = parts.method.to_string();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_owned())
+        .unwrap_or_else(|| parts.uri.path().to_owned());
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        });
+    let version = format!("{:?}", parts.version);
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            let value = if name == AUTHORIZATION {
+                "[REDACTED]".to_owned()
+            } else {
+                String::from_utf8_lossy(value.as_bytes()).into_owned()
+            };
+            (name.as_str().to_owned(), value)
+        })
+        .collect();
+
+    let (token, verdict) = check_authorization(&state.verifier, &parts.headers);
+
+    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let code = if e.is::<http_body_util::LengthLimitError>() {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return json_response(code, &json!({"error": format!("reading body: {e}")}));
+        }
+    };
+    let body_sha256: String = Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+
+    let status = path
+        .strip_prefix("/status/")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse::<u16>().ok())
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .unwrap_or(StatusCode::OK);
+
+    let description = json!({
+        "method": method,
+        "path": path,
+        "authority": authority,
+        "version": version,
+        "verdict": verdict.to_json(),
+        "headers": headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        "body_len": body.len(),
+        "body_sha256": body_sha256,
+    });
+
+    lock(&state.received).push(Received {
+        method,
+        path,
+        authority,
+        version,
+        headers,
+        token,
+        verdict,
+        body_len: body.len(),
+        body_sha256,
+    });
+
+    json_response(status, &description)
+}
+
+fn check_authorization(
+    verifier: &JwtVerifier,
+    headers: &http::HeaderMap,
+) -> (Option<String>, TokenVerdict) {
+    let values: Vec<&HeaderValue> = headers.get_all(AUTHORIZATION).iter().collect();
+    match values.as_slice() {
+        [] => (None, TokenVerdict::Missing),
+        [value] => {
+            let Ok(value) = value.to_str() else {
+                return (
+                    None,
+                    TokenVerdict::Invalid("authorization header is not valid ASCII".into()),
+                );
+            };
+            let Some((scheme, token)) = value.split_once(' ') else {
+                return (
+                    None,
+                    TokenVerdict::Invalid("authorization header has no scheme".into()),
+                );
+            };
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return (
+                    None,
+                    TokenVerdict::Invalid(format!("authorization scheme {scheme:?} is not Bearer")),
+                );
+            }
+            let token = token.trim().to_owned();
+            let verdict = match verifier.verify(&token, None, now_unix()) {
+                Ok(claims) => TokenVerdict::Valid(claims),
+                Err(reason) => TokenVerdict::Invalid(reason),
+            };
+            (Some(token), verdict)
+        }
+        many => (
+            None,
+            TokenVerdict::Invalid(format!("{} authorization headers", many.len())),
+        ),
+    }
+}
+
+fn json_response(code: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = code;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
