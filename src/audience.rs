@@ -196,12 +196,12 @@ impl Rules {
         } else {
             self.default.clone().map(|a| (a, Source::Default))
         };
-        if let Some((audience, _)) = &audience {
-            if !self.allowlist.allows(audience) {
-                return Err(Rejection::NotAllowed {
-                    audience: audience.clone(),
-                });
-            }
+        if let Some((audience, _)) = &audience
+            && !self.allowlist.allows(audience)
+        {
+            return Err(Rejection::NotAllowed {
+                audience: audience.clone(),
+            });
         }
         Ok(Resolution {
             audience,

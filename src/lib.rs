@@ -10,6 +10,10 @@
 //! - [`config`] is the command line;
 //! - [`secret`] keeps credentials out of logs and errors.
 
+// Runtime code never unwraps; tests may.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod admin;
 pub mod audience;
 pub mod config;

@@ -1,5 +1,9 @@
 //! The `kube-audience-proxy` binary: parse, initialise, run.
 
+// Runtime code never unwraps; tests may.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -205,9 +205,8 @@ pub async fn run<S: TokenSource>(
             Ok(())
         }
     };
-    match tokio::time::timeout(DRAIN_TIMEOUT, admin).await {
-        Ok(Ok(Err(e))) => return Err(ServeError::Admin(e)),
-        Ok(Ok(Ok(()))) | Ok(Err(_)) | Err(_) => {}
+    if let Ok(Ok(Err(e))) = tokio::time::timeout(DRAIN_TIMEOUT, admin).await {
+        return Err(ServeError::Admin(e));
     }
     if let Some(path) = socket_path {
         let _ = std::fs::remove_file(path);

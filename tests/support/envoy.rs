@@ -127,13 +127,13 @@ impl Envoy {
                 "envoy did not become ready:\n{}",
                 envoy.logs()
             );
-            if let Ok(text) = std::fs::read_to_string(&admin_path) {
-                if let Ok(admin) = text.trim().parse() {
-                    envoy.admin = admin;
-                    if let Some(listener) = envoy.listener_address().await {
-                        envoy.listener = listener;
-                        return envoy;
-                    }
+            if let Ok(text) = std::fs::read_to_string(&admin_path)
+                && let Ok(admin) = text.trim().parse()
+            {
+                envoy.admin = admin;
+                if let Some(listener) = envoy.listener_address().await {
+                    envoy.listener = listener;
+                    return envoy;
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

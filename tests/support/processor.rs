@@ -2,13 +2,30 @@
 //! collects everything it writes to stderr (its log).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+/// The processor binary: Cargo's path for integration tests; for examples
+/// (the demo), the binary next to the `examples/` folder they are built in.
+pub fn binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_kube-audience-proxy") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = profile_dir.join("kube-audience-proxy");
+    assert!(
+        path.is_file(),
+        "{} not built: run `cargo build --bin kube-audience-proxy`",
+        path.display()
+    );
+    path
+}
 
 /// A running processor; killed on drop.
 pub struct Processor {
@@ -25,7 +42,7 @@ impl Processor {
     /// ServiceAccount `app`, ephemeral ports, no drain delay, debug logs, and
     /// `extra` arguments (later flags win). Waits for its "ready" log line.
     pub async fn start(kubeconfig: &Path, extra: &[&str]) -> Processor {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kube-audience-proxy"));
+        let mut command = Command::new(binary());
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -117,8 +134,12 @@ impl Processor {
     }
 }
 
-/// The value of `key=` in a logfmt line (quoted or not).
+/// The value of `key` in a JSON log line or of `key=` in a logfmt line.
 fn field(line: &str, key: &str) -> Option<String> {
+    if line.starts_with('{') {
+        let json: serde_json::Value = serde_json::from_str(line).ok()?;
+        return json.get(key)?.as_str().map(str::to_owned);
+    }
     let start = line.find(&format!(" {key}="))? + key.len() + 2;
     let rest = &line[start..];
     if let Some(quoted) = rest.strip_prefix('"') {

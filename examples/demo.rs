@@ -1,0 +1,135 @@
+//! The local demo stack: the TokenRequest stand-in (the test API server),
+//! a demo upstream that verifies the JWT it gets, the real processor binary,
+//! and the real Envoy running `envoy/envoy.yaml` exactly as shipped (proxy
+//! on 127.0.0.1:8080, processor on 127.0.0.1:18080). It sends a few requests
+//! through the proxy with curl and prints what the upstream received.
+//!
+//! Run it with `scripts/demo` (builds, installs Envoy into .venv if needed).
+//! `--wait` keeps the stack up afterwards so you can try curl yourself.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use support::apiserver::{ApiServerOptions, FakeApiServer, Fault};
+use support::envoy::{self, Envoy};
+use support::processor::Processor;
+use support::upstream::Upstream;
+
+#[tokio::main]
+async fn main() {
+    let wait = std::env::args().any(|a| a == "--wait");
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let upstream = Upstream::start(api.verifier()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let processor = Processor::start(
+        &kubeconfig,
+        &[
+            "--grpc-listen-address",
+            "127.0.0.1:18080",
+            "--admin-listen-address",
+            "127.0.0.1:18081",
+            "--allowed-audience",
+            "prometheus",
+            "--allowed-audience",
+            "https://*.example.com",
+            "--log-level",
+            "info",
+        ],
+    )
+    .await;
+    let envoy = Envoy::start(&envoy::shipped_config()).await;
+
+    println!("kube-audience-proxy demo");
+    println!(
+        "  TokenRequest stand-in  {} (namespace demo, ServiceAccount app)",
+        api.url()
+    );
+    println!(
+        "  upstream               {} (verifies the bearer JWT)",
+        upstream.url()
+    );
+    println!(
+        "  processor              {} (allowed audiences: prometheus, https://*.example.com)",
+        processor.grpc
+    );
+    println!(
+        "  envoy                  {} (envoy/envoy.yaml as shipped)",
+        envoy.proxy_url()
+    );
+
+    let up = upstream.url();
+    let requests: Vec<(String, Vec<String>)> = vec![
+        (
+            format!("{up}/metrics?kubernetes-audience=prometheus&x=1"),
+            vec![],
+        ),
+        (
+            format!("{up}/api/data"),
+            vec![
+                "-H".into(),
+                "x-kubernetes-audience: https://api.example.com".into(),
+            ],
+        ),
+        (format!("{up}/public"), vec![]),
+        (
+            format!("{up}/metrics?kubernetes-audience=kubernetes"),
+            vec![],
+        ),
+        (format!("{up}/metrics?kubernetes-audience="), vec![]),
+    ];
+    for (url, extra) in &requests {
+        show(&envoy, url, extra).await;
+    }
+    println!("\n# the API server fails (injected 500) for a new audience:");
+    api.inject(Fault::Status(500), 1);
+    show(
+        &envoy,
+        &format!("{up}/x?kubernetes-audience=https://new.example.com"),
+        &[],
+    )
+    .await;
+
+    println!(
+        "\nTokenRequests made: {} (one per audience; repeated requests use the cache)",
+        api.token_requests()
+    );
+    if wait {
+        println!(
+            "\nThe stack stays up; try:\n  curl -x {} '{up}/anything?kubernetes-audience=prometheus'\nCtrl-C to stop.",
+            envoy.proxy_url()
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    let (status, _) = processor.terminate().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    println!("\nprocessor stopped ({status})");
+}
+
+async fn show(envoy: &Envoy, url: &str, extra: &[String]) {
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut shown = format!("curl -x {}", envoy.proxy_url());
+    for e in &extra {
+        if e.contains(' ') {
+            shown.push_str(&format!(" '{e}'"));
+        } else {
+            shown.push_str(&format!(" {e}"));
+        }
+    }
+    println!("\n$ {shown} '{url}'");
+    let reply = support::curl::via_proxy(&envoy.proxy_url(), url, &extra).await;
+    match serde_json::from_str::<serde_json::Value>(&reply.body) {
+        Ok(json) => {
+            println!("HTTP {} from the upstream, which received:", reply.status);
+            println!("{}", serde_json::to_string_pretty(&json).unwrap());
+        }
+        Err(_) => println!(
+            "HTTP {} from Envoy (the upstream was not called): {}",
+            reply.status,
+            reply.body.trim_end()
+        ),
+    }
+}

@@ -1,0 +1,105 @@
+//! No token or credential ever appears in the processor's output: run the
+//! real binary at the most verbose level, in both log formats, through
+//! successful, refused and failing requests, then search its whole output
+//! for every token the API server issued and for the proxy's own credential.
+
+mod support;
+
+use support::apiserver::{ApiServerOptions, FakeApiServer, Fault};
+use support::curl;
+use support::envoy::{self, Envoy};
+use support::processor::Processor;
+use support::upstream::Upstream;
+
+async fn exercise(format: &str) {
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let upstream = Upstream::start(api.verifier()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let processor = Processor::start(
+        &kubeconfig,
+        &[
+            "--log-level",
+            "all",
+            "--log-format",
+            format,
+            "--allowed-audience",
+            "ok-*",
+        ],
+    )
+    .await;
+    let mut config = envoy::shipped_config();
+    envoy::point_at_processor(&mut config, &processor.grpc);
+    let envoy = Envoy::start(&config).await;
+    let proxy = envoy.proxy_url();
+    let get = |query: &'static str, extra: Vec<String>| {
+        let url = format!("{}/r?{query}", upstream.url());
+        let proxy = proxy.clone();
+        async move {
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            curl::via_proxy(&proxy, &url, &extra).await
+        }
+    };
+
+    // Success for two audiences, through the query and the header.
+    assert_eq!(get("kubernetes-audience=ok-1", vec![]).await.status, 200);
+    let header = vec!["-H".to_owned(), "x-kubernetes-audience: ok-2".to_owned()];
+    assert_eq!(get("", header).await.status, 200);
+    // A client that sends its own bearer token alongside.
+    let spoof = vec![
+        "-H".to_owned(),
+        "authorization: Bearer client-secret-value".to_owned(),
+    ];
+    assert_eq!(get("kubernetes-audience=ok-1", spoof).await.status, 200);
+    // Refusals and API server failures.
+    assert_eq!(get("kubernetes-audience=nope", vec![]).await.status, 403);
+    api.inject(Fault::Status(500), 1);
+    assert_eq!(get("kubernetes-audience=ok-3", vec![]).await.status, 503);
+    api.inject(
+        Fault::TooManyRequests {
+            retry_after_secs: 1,
+        },
+        1,
+    );
+    let failed = get("kubernetes-audience=ok-4", vec![]).await;
+    assert_eq!(failed.status, 503);
+
+    let (status, logs) = processor.terminate().await;
+    assert!(status.success());
+    let issued = api.issued_tokens();
+    assert_eq!(issued.len(), 2, "two audiences minted");
+    assert!(
+        logs.contains("ok-1") && logs.contains("injecting a token"),
+        "debug logs were produced:\n{logs}"
+    );
+    for token in &issued {
+        // Any of the three JWT parts would be a leak (the payload and the
+        // signature are each unique to the token).
+        for part in token.split('.').skip(1) {
+            assert!(
+                !logs.contains(part),
+                "a token part leaked into the {format} log:\n{logs}"
+            );
+        }
+        assert!(!failed.body.contains(token.as_str()));
+    }
+    assert!(
+        !logs.contains(api.caller_token()),
+        "the proxy's own credential leaked"
+    );
+    assert!(
+        !logs.contains("client-secret-value"),
+        "the client's credential leaked"
+    );
+}
+
+#[tokio::test]
+async fn logfmt_logs_hold_no_credentials() {
+    exercise("logfmt").await;
+}
+
+#[tokio::test]
+async fn json_logs_hold_no_credentials() {
+    exercise("json").await;
+}
