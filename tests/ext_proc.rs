@@ -455,3 +455,75 @@ async fn serves_over_a_unix_socket_with_health() {
     proc.stop().await;
     assert!(!socket.exists(), "the socket file is removed on shutdown");
 }
+
+#[tokio::test]
+async fn undecodable_messages_end_the_stream_with_a_status() {
+    let s = setup(&[]).await;
+    // Raw gRPC framing with bytes that are not a ProcessingRequest.
+    let mut grpc = tonic::client::Grpc::new(s.proc.channel().await);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static(
+        "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+    );
+    let garbage = tokio_stream::iter(vec![bytes::Bytes::from_static(&[0xff, 0xff, 0xff, 0x0f])]);
+    let result = grpc
+        .streaming::<_, bytes::Bytes, bytes::Bytes, _>(tonic::Request::new(garbage), path, RawCodec)
+        .await;
+    let status = match result {
+        Err(status) => status,
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            stream
+                .message()
+                .await
+                .expect_err("an error status, not an answer")
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    // The server is fine afterwards.
+    let mut client = s.proc.client().await;
+    assert!(process_one(&mut client, get("/"), None).await.is_ok());
+}
+
+/// A pass-through codec to send arbitrary bytes as gRPC messages.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Self::Item,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Self::Error> {
+        use bytes::BufMut;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, Self::Error> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}

@@ -198,9 +198,11 @@ impl<S: TokenSource> ExternalProcessor for ExtProc<S> {
                     Ok(Some(message)) => message,
                     // Envoy closed its side: the HTTP request is done.
                     Ok(None) => return None,
+                    // A broken stream or an undecodable message: end the
+                    // stream with that status (a gone client never reads it).
                     Err(status) => {
-                        tracing::debug!(code = ?status.code(), "ext_proc stream ended by the client");
-                        return None;
+                        tracing::debug!(code = ?status.code(), "ext_proc stream failed");
+                        return Some((Err(status), None));
                     }
                 };
                 if message.observability_mode {

@@ -422,6 +422,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn idle_audiences_age_out() {
+        let source = Scripted::default();
+        let cache = TokenCache::new(
+            source.clone(),
+            Limits {
+                max_audiences: 10,
+                idle_timeout: Duration::from_millis(50),
+            },
+        );
+        cache.get(&aud("a")).await.unwrap();
+        // moka keeps its own clock, so this waits in real time.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cache.entries.run_pending_tasks().await;
+        assert!(cache.is_empty());
+        assert_eq!(cache.get(&aud("a")).await.unwrap().expose_secret(), "a-2");
+    }
+
+    #[tokio::test]
     async fn bounded_number_of_audiences() {
         let source = Scripted::default();
         let cache = TokenCache::new(
