@@ -22,11 +22,9 @@ async fn main() {
     let wait = std::env::args().any(|a| a == "--wait");
     let api = FakeApiServer::start(ApiServerOptions::default()).await;
     let upstream = Upstream::start(api.verifier()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
+    let kubeconfig = support::Kubeconfig::of(&api);
     let processor = Processor::start(
-        &kubeconfig,
+        &kubeconfig.path,
         &[
             "--grpc-listen-address",
             "127.0.0.1:18080",

@@ -119,10 +119,8 @@ fn environment_fallbacks_work() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let api = FakeApiServer::start(ApiServerOptions::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let processor = Processor::start(&kubeconfig, &["--shutdown-delay", "1s"]).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let processor = Processor::start(&kubeconfig.path, &["--shutdown-delay", "1s"]).await;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", processor.grpc))
         .unwrap()
         .connect()

@@ -17,7 +17,7 @@ struct Stack {
     upstream: Upstream,
     processor: Processor,
     envoy: Envoy,
-    _dir: tempfile::TempDir,
+    _kubeconfig: support::Kubeconfig,
 }
 
 impl Stack {
@@ -29,10 +29,8 @@ impl Stack {
     async fn start_with(processor_args: &[&str], edit: impl FnOnce(&mut Value)) -> Stack {
         let api = FakeApiServer::start(ApiServerOptions::default()).await;
         let upstream = Upstream::start(api.verifier()).await;
-        let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig);
-        let processor = Processor::start(&kubeconfig, processor_args).await;
+        let kubeconfig = support::Kubeconfig::of(&api);
+        let processor = Processor::start(&kubeconfig.path, processor_args).await;
         let mut config = envoy::shipped_config();
         envoy::point_at_processor(&mut config, &processor.grpc);
         edit(&mut config);
@@ -42,7 +40,7 @@ impl Stack {
             upstream,
             processor,
             envoy,
-            _dir: dir,
+            _kubeconfig: kubeconfig,
         }
     }
 

@@ -18,7 +18,7 @@ use support::inproc::{InProcess, config, get, process_one, request_headers};
 struct Setup {
     api: FakeApiServer,
     proc: InProcess,
-    _dir: tempfile::TempDir,
+    _kubeconfig: support::Kubeconfig,
 }
 
 async fn setup(extra: &[&str]) -> Setup {
@@ -27,14 +27,12 @@ async fn setup(extra: &[&str]) -> Setup {
 
 async fn setup_with(opts: ApiServerOptions, extra: &[&str]) -> Setup {
     let api = FakeApiServer::start(opts).await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let proc = InProcess::start(config(&kubeconfig, extra)).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let proc = InProcess::start(config(&kubeconfig.path, extra)).await;
     Setup {
         api,
         proc,
-        _dir: dir,
+        _kubeconfig: kubeconfig,
     }
 }
 
@@ -418,14 +416,17 @@ async fn other_phases_pass_through_and_bad_messages_end_the_stream() {
 #[tokio::test]
 async fn serves_over_a_unix_socket_with_health() {
     let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
     let socket = dir.path().join("kap.sock");
     // A stale socket file from an earlier run does not stop the start.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     let address = format!("unix:{}", socket.display());
-    let proc = InProcess::start(config(&kubeconfig, &["--grpc-listen-address", &address])).await;
+    let proc = InProcess::start(config(
+        &kubeconfig.path,
+        &["--grpc-listen-address", &address],
+    ))
+    .await;
     let mut client = proc.client().await;
     let resp = process_one(&mut client, get("/?kubernetes-audience=uds"), None)
         .await

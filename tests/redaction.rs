@@ -14,11 +14,9 @@ use support::upstream::Upstream;
 async fn exercise(format: &str) {
     let api = FakeApiServer::start(ApiServerOptions::default()).await;
     let upstream = Upstream::start(api.verifier()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
+    let kubeconfig = support::Kubeconfig::of(&api);
     let processor = Processor::start(
-        &kubeconfig,
+        &kubeconfig.path,
         &[
             "--log-level",
             "all",

@@ -35,17 +35,8 @@ pub fn config(kubeconfig: &Path, extra: &[&str]) -> Config {
         "kube-audience-proxy",
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
-        "--service-account",
-        "app",
-        "--namespace",
-        "demo",
-        "--grpc-listen-address",
-        "127.0.0.1:0",
-        "--admin-listen-address",
-        "127.0.0.1:0",
-        "--shutdown-delay",
-        "0s",
     ];
+    argv.extend_from_slice(crate::support::COMMON_ARGS);
     argv.extend_from_slice(extra);
     Config::try_from(Cli::try_parse_from(argv).unwrap()).unwrap()
 }

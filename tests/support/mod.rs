@@ -12,3 +12,36 @@ pub mod inproc;
 pub mod jwt;
 pub mod processor;
 pub mod upstream;
+
+/// A kubeconfig for the test API server, in a temporary directory that lives
+/// as long as this value.
+pub struct Kubeconfig {
+    /// The file.
+    pub path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Kubeconfig {
+    /// Writes the kubeconfig of `api`.
+    pub fn of(api: &apiserver::FakeApiServer) -> Kubeconfig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&path);
+        Kubeconfig { path, _dir: dir }
+    }
+}
+
+/// Processor flags every test shares: the test API server's ServiceAccount
+/// `app` in `demo`, ephemeral loopback ports, no drain delay.
+pub const COMMON_ARGS: &[&str] = &[
+    "--service-account",
+    "app",
+    "--namespace",
+    "demo",
+    "--grpc-listen-address",
+    "127.0.0.1:0",
+    "--admin-listen-address",
+    "127.0.0.1:0",
+    "--shutdown-delay",
+    "0s",
+];

@@ -48,20 +48,8 @@ impl Processor {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args([
-                "--service-account",
-                "app",
-                "--namespace",
-                "demo",
-                "--grpc-listen-address",
-                "127.0.0.1:0",
-                "--admin-listen-address",
-                "127.0.0.1:0",
-                "--shutdown-delay",
-                "0s",
-                "--log-level",
-                "debug",
-            ])
+            .args(crate::support::COMMON_ARGS)
+            .args(["--log-level", "debug"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
