@@ -16,8 +16,10 @@
 
 pub mod admin;
 pub mod audience;
+pub mod ca;
 pub mod config;
 pub mod ext_proc;
+pub mod intercept;
 pub mod secret;
 pub mod server;
 pub mod shutdown;

@@ -75,6 +75,36 @@ impl fmt::Display for Token {
     }
 }
 
+/// A PEM private key (a leaf's). `Debug` and `Display` print a placeholder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyPem(Arc<str>);
+
+impl KeyPem {
+    /// Wraps a PEM key.
+    pub fn new(pem: String) -> KeyPem {
+        KeyPem(Arc::from(pem))
+    }
+
+    /// The PEM text. Only for handing it to Envoy.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeyPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyPem(")?;
+        f.write_str(REDACTED)?;
+        f.write_str(")")
+    }
+}
+
+impl fmt::Display for KeyPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,8 @@ struct CurlResponse {
     body: String,
     /// curl's exit code (0 unless the transfer failed).
     exit_code: i32,
+    /// curl's stderr (errors, `-v` output).
+    stderr: String,
 }
 
 impl CurlResponse {
@@ -45,12 +47,14 @@ async fn curl(args: Vec<String>) -> CurlResponse {
             .expect("run curl");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let exit_code = out.status.code().unwrap_or(-1);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if stdout.is_empty() {
             return CurlResponse {
                 status: 0,
                 headers: Vec::new(),
-                body: String::from_utf8_lossy(&out.stderr).into_owned(),
+                body: stderr.clone(),
                 exit_code,
+                stderr,
             };
         }
         let (head, body) = stdout.split_once("\r\n\r\n").unwrap_or((&stdout, ""));
@@ -70,6 +74,7 @@ async fn curl(args: Vec<String>) -> CurlResponse {
             headers,
             body: body.to_owned(),
             exit_code,
+            stderr,
         }
     })
     .await
@@ -556,6 +561,14 @@ async fn upstream_verifies_tokens() {
     let resp = curl(vec![format!("{}/status/503", upstream.url())]).await;
     assert_eq!(resp.status, 503);
 
+    // Plain HTTP: no TLS, no CA.
+    let received = upstream.last().unwrap();
+    assert!(!received.tls);
+    assert_eq!(received.sni, None);
+    assert!(upstream.url().starts_with("http://127.0.0.1:"));
+    assert_eq!(upstream.ca_pem(), None);
+    assert_eq!(upstream.ca_issuer_cn(), None);
+
     assert_eq!(upstream.count(), 6);
     upstream.clear();
     assert_eq!(upstream.count(), 0);
@@ -636,4 +649,181 @@ async fn apiserver_speaks_to_kube_client() {
         other => panic!("expected a 429 Status, got {other:?}"),
     }
     assert_eq!(server.token_requests(), 4);
+}
+
+/// A JWT for `aud` signed by `issuer`, with the claims of a bound token.
+fn upstream_token(issuer: &JwtIssuer, aud: &str) -> String {
+    let now = now_unix();
+    issuer.sign(&json!({
+        "aud": [aud],
+        "exp": now + 600,
+        "iat": now,
+        "iss": ISSUER,
+        "jti": "4f1c2d3e-0000-4000-8000-000000000009",
+        "kubernetes.io": {
+            "namespace": "demo",
+            "serviceaccount": {"name": "app", "uid": "9a3e0c5c-0000-4000-8000-000000000002"},
+        },
+        "nbf": now,
+        "sub": "system:serviceaccount:demo:app",
+    }))
+}
+
+/// The HTTPS upstream serves HTTP/1.1 and HTTP/2 (ALPN) with a certificate
+/// for its names from its own CA, and records TLS and SNI.
+#[tokio::test]
+async fn upstream_serves_https() {
+    let issuer = JwtIssuer::generate(ISSUER);
+    let upstream = Upstream::start_tls(issuer.verifier(), &["localhost", "127.0.0.1"]).await;
+    let port = upstream.addr().port();
+    assert_eq!(upstream.url(), format!("https://127.0.0.1:{port}"));
+    let ca_pem = upstream.ca_pem().unwrap();
+    assert!(ca_pem.starts_with("-----BEGIN CERTIFICATE-----"), "{ca_pem}");
+    let cn = upstream.ca_issuer_cn().unwrap();
+    assert!(
+        cn.starts_with("kube-audience-proxy test upstream CA "),
+        "{cn}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("upstream-ca.pem");
+    upstream.write_ca(&ca);
+    assert_eq!(std::fs::read_to_string(&ca).unwrap(), ca_pem);
+    let ca = ca.display().to_string();
+    let token = upstream_token(&issuer, "vault");
+
+    for (host, sni) in [("localhost", Some("localhost")), ("127.0.0.1", None)] {
+        for (flag, version) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2.0")] {
+            let url = format!("https://{host}:{port}/v1/secret?x=1");
+            let resp = curl(vec![
+                "-v".into(),
+                "--cacert".into(),
+                ca.clone(),
+                flag.into(),
+                "-H".into(),
+                format!("Authorization: Bearer {token}"),
+                url.clone(),
+            ])
+            .await;
+            assert_eq!(
+                (resp.exit_code, resp.status),
+                (0, 200),
+                "{url} {flag}: {}",
+                resp.stderr
+            );
+            // curl (OpenSSL) prints the server certificate's issuer with -v.
+            assert!(
+                resp.stderr.contains(&format!("CN={cn}")),
+                "issuer {cn:?} not in: {}",
+                resp.stderr
+            );
+            let body = resp.json();
+            assert_eq!(body["verdict"]["token"], "valid", "{}", resp.body);
+            assert_eq!(body["version"], version);
+            assert_eq!(body["path"], "/v1/secret?x=1");
+            let received = upstream.last().unwrap();
+            assert!(received.tls, "{url} {flag}");
+            assert_eq!(received.sni.as_deref(), sni, "{url} {flag}");
+            assert_eq!(received.version, version);
+            assert_eq!(received.method, "GET");
+            assert_eq!(
+                received.authority.as_deref(),
+                Some(format!("{host}:{port}").as_str())
+            );
+            assert_eq!(received.token.as_deref(), Some(token.as_str()));
+            assert!(received.verdict.is_valid());
+        }
+    }
+    assert_eq!(upstream.count(), 4);
+
+    // A name outside the SANs, and the CA of another upstream, fail
+    // verification (curl exit code 60) without reaching the handler.
+    let other = Upstream::start_tls(issuer.verifier(), &["localhost"]).await;
+    assert_ne!(other.ca_issuer_cn(), upstream.ca_issuer_cn());
+    let other_ca = dir.path().join("other-ca.pem");
+    other.write_ca(&other_ca);
+    for args in [
+        vec![
+            "--cacert".to_owned(),
+            ca.clone(),
+            "--resolve".into(),
+            format!("not-in-the-sans.test:{port}:127.0.0.1"),
+            format!("https://not-in-the-sans.test:{port}/"),
+        ],
+        vec![
+            "--cacert".to_owned(),
+            other_ca.display().to_string(),
+            format!("https://localhost:{port}/"),
+        ],
+        // `other` has no IP SAN.
+        vec![
+            "--cacert".to_owned(),
+            other_ca.display().to_string(),
+            other.url(),
+        ],
+    ] {
+        let resp = curl(args.clone()).await;
+        assert_eq!(resp.exit_code, 60, "{args:?}: {}", resp.stderr);
+    }
+    assert_eq!(upstream.count(), 4);
+    assert_eq!(other.count(), 0);
+    // Without a CA, curl does not trust it either.
+    let resp = curl(vec![format!("https://localhost:{port}/")]).await;
+    assert_eq!(resp.exit_code, 60, "{}", resp.stderr);
+    assert_eq!(upstream.count(), 4);
+}
+
+/// A 10 MiB body arrives intact over HTTPS, with HTTP/1.1 and HTTP/2.
+#[tokio::test]
+async fn upstream_https_receives_large_bodies() {
+    use rand::RngCore as _;
+    use sha2::{Digest as _, Sha256};
+
+    let issuer = JwtIssuer::generate(ISSUER);
+    let upstream = Upstream::start_tls(issuer.verifier(), &["localhost"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    upstream.write_ca(&ca);
+    let mut body = vec![0u8; 10 * 1024 * 1024];
+    rand::thread_rng().fill_bytes(&mut body);
+    let sha256: String = Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let file = dir.path().join("body.bin");
+    std::fs::write(&file, &body).unwrap();
+    let token = upstream_token(&issuer, "vault");
+
+    for (flag, version) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2.0")] {
+        let resp = curl(vec![
+            "--cacert".into(),
+            ca.display().to_string(),
+            flag.into(),
+            "-H".into(),
+            format!("Authorization: Bearer {token}"),
+            "-H".into(),
+            "Content-Type: application/octet-stream".into(),
+            "--data-binary".into(),
+            format!("@{}", file.display()),
+            format!("https://localhost:{}/upload", upstream.addr().port()),
+        ])
+        .await;
+        assert_eq!(
+            (resp.exit_code, resp.status),
+            (0, 200),
+            "{flag}: {}",
+            resp.stderr
+        );
+        let json = resp.json();
+        assert_eq!(json["body_len"], body.len());
+        assert_eq!(json["body_sha256"], sha256);
+        let received = upstream.last().unwrap();
+        assert_eq!(received.method, "POST");
+        assert_eq!(received.version, version);
+        assert!(received.tls);
+        assert_eq!(received.sni.as_deref(), Some("localhost"));
+        assert_eq!(received.body_len, body.len());
+        assert_eq!(received.body_sha256, sha256);
+        assert!(received.verdict.is_valid());
+    }
+    assert_eq!(upstream.count(), 2);
 }

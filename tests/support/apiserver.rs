@@ -27,11 +27,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use rand::Rng as _;
 use rand::distributions::Alphanumeric;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Map, Value, json};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
@@ -40,6 +35,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 use super::jwt::{JwtIssuer, JwtVerifier, now_unix};
+use super::tls::{TestCa, spawn_accept_loop};
 
 /// `iss` of every token, like a default kubeadm cluster.
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -286,97 +282,9 @@ preferences: {{}}
 }
 
 fn generate_tls() -> (String, rustls::ServerConfig) {
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "fake-kube-apiserver-ca");
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
-    let ca_issuer = Issuer::new(ca_params, ca_key);
-
-    let key = KeyPair::generate().expect("server key");
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-        .expect("server params");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "kube-apiserver");
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, &ca_issuer).expect("server cert");
-
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .expect("TLS config");
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    (ca_cert.pem(), config)
-}
-
-/// Accepts connections on `listener` (optionally TLS) and serves HTTP/1.1 and
-/// HTTP/2 with `handler`. Aborting the returned task closes every connection.
-pub(super) fn spawn_accept_loop<F, Fut>(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    handler: F,
-) -> JoinHandle<()>
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    };
-                    let handler = handler.clone();
-                    let tls = tls.clone();
-                    conns.spawn(async move {
-                        let _ = stream.set_nodelay(true);
-                        let service = service_fn(move |req| {
-                            let fut = handler(req);
-                            async move { Ok::<_, Infallible>(fut.await) }
-                        });
-                        let builder = auto::Builder::new(TokioExecutor::new());
-                        match tls {
-                            Some(acceptor) => {
-                                let handshake =
-                                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
-                                let Ok(Ok(stream)) = handshake.await else {
-                                    return;
-                                };
-                                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-                            }
-                            None => {
-                                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-                            }
-                        }
-                    });
-                }
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
-    })
+    let ca = TestCa::generate("fake-kube-apiserver-ca");
+    let config = ca.server_config(&["127.0.0.1", "localhost"], "kube-apiserver");
+    (ca.cert_pem(), config)
 }
 
 // ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ pub mod envoy;
 pub mod inproc;
 pub mod jwt;
 pub mod processor;
+pub mod tls;
 pub mod upstream;
 
 /// A kubeconfig for the test API server, in a temporary directory that lives

@@ -1,4 +1,5 @@
-//! A plain-HTTP (HTTP/1.1 and h2c prior-knowledge) upstream that verifies the
+//! A plain-HTTP (HTTP/1.1 and h2c prior-knowledge) or HTTPS (ALPN `h2` and
+//! `http/1.1`, certificate from its own test CA) upstream that verifies the
 //! bearer JWT of every request, records what it received and answers with a
 //! JSON description of it (never the token itself).
 //!
@@ -8,6 +9,7 @@
 //! Test fixture only; never part of the shipped binary.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -19,9 +21,11 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
-use super::apiserver::spawn_accept_loop;
+use super::apiserver::random_string;
 use super::jwt::{Claims, JwtVerifier, now_unix};
+use super::tls::{ConnInfo, TestCa, spawn_accept_loop};
 
 /// Largest request body the upstream reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
@@ -92,6 +96,11 @@ pub struct Received {
     pub body_len: usize,
     /// Lowercase hex SHA-256 of the body.
     pub body_sha256: String,
+    /// The request arrived over TLS.
+    pub tls: bool,
+    /// The SNI the client sent (None for plain HTTP, or when the client sent
+    /// none, as for an IP address).
+    pub sni: Option<String>,
 }
 
 impl Received {
@@ -119,9 +128,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The test CA of an HTTPS upstream.
+struct UpstreamCa {
+    pem: String,
+    common_name: String,
+}
+
 pub struct Upstream {
     state: Arc<UpstreamState>,
     addr: SocketAddr,
+    /// `Some` for HTTPS.
+    ca: Option<UpstreamCa>,
     task: JoinHandle<()>,
 }
 
@@ -132,7 +149,36 @@ impl Drop for Upstream {
 }
 
 impl Upstream {
+    /// Plain HTTP/1.1 and h2c (prior knowledge) on `127.0.0.1:0`.
     pub async fn start(verifier: JwtVerifier) -> Upstream {
+        Upstream::serve(verifier, None).await
+    }
+
+    /// HTTPS (ALPN `h2`, `http/1.1`) on `127.0.0.1:0`, with a serving
+    /// certificate for `names` (IP addresses become IP SANs, the rest DNS
+    /// SANs) issued by a fresh test CA (see [`ca_pem`](Self::ca_pem)).
+    pub async fn start_tls(verifier: JwtVerifier, names: &[&str]) -> Upstream {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        // Key generation is CPU-bound; keep it off the async workers.
+        let (ca, config) = tokio::task::spawn_blocking(move || {
+            let ca = TestCa::generate(&format!(
+                "kube-audience-proxy test upstream CA {}",
+                random_string(8)
+            ));
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let config = ca.server_config(&names, "kube-audience-proxy test upstream");
+            let ca = UpstreamCa {
+                pem: ca.cert_pem(),
+                common_name: ca.common_name().to_owned(),
+            };
+            (ca, config)
+        })
+        .await
+        .expect("generate upstream certificates");
+        Upstream::serve(verifier, Some((ca, TlsAcceptor::from(Arc::new(config))))).await
+    }
+
+    async fn serve(verifier: JwtVerifier, tls: Option<(UpstreamCa, TlsAcceptor)>) -> Upstream {
         let state = Arc::new(UpstreamState {
             verifier,
             received: Mutex::new(Vec::new()),
@@ -141,20 +187,46 @@ impl Upstream {
             .await
             .expect("bind upstream");
         let addr = listener.local_addr().expect("local addr");
+        let (ca, acceptor) = tls.unzip();
         let handler_state = state.clone();
-        let task = spawn_accept_loop(listener, None, move |req| {
+        let task = spawn_accept_loop(listener, acceptor, move |req| {
             handle(handler_state.clone(), req)
         });
-        Upstream { state, addr, task }
+        Upstream {
+            state,
+            addr,
+            ca,
+            task,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://127.0.0.1:PORT` for
+    /// [`start_tls`](Self::start_tls).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The PEM of the test CA that issued the serving certificate (None for
+    /// plain HTTP).
+    pub fn ca_pem(&self) -> Option<String> {
+        self.ca.as_ref().map(|ca| ca.pem.clone())
+    }
+
+    /// The common name of the test CA (unique per upstream; None for plain
+    /// HTTP), to tell which issuer a client saw.
+    pub fn ca_issuer_cn(&self) -> Option<String> {
+        self.ca.as_ref().map(|ca| ca.common_name.clone())
+    }
+
+    /// Writes [`ca_pem`](Self::ca_pem) to `path`; panics for a plain upstream.
+    pub fn write_ca(&self, path: &Path) {
+        let pem = self.ca_pem().expect("a plain-HTTP upstream has no CA");
+        std::fs::write(path, pem).expect("write upstream CA");
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -176,6 +248,11 @@ impl Upstream {
 
 async fn handle(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
+    let conn = parts
+        .extensions
+        .get::<ConnInfo>()
+        .cloned()
+        .unwrap_or_default();
     let method = parts.method.to_string();
     let path = parts
         .uri
@@ -252,6 +329,8 @@ async fn handle(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<F
         verdict,
         body_len: body.len(),
         body_sha256,
+        tls: conn.tls,
+        sni: conn.sni,
     });
 
     json_response(status, &description)

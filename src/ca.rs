@@ -1,0 +1,387 @@
+//! The interception CA: generated at startup (or loaded), it signs
+//! short-lived leaf certificates for the intercepted hosts, which Envoy
+//! fetches over SDS.
+//!
+//! The CA private key lives in this process's memory only. Only the CA
+//! certificate is written to disk (`--ca-file-destination`), atomically and
+//! world-readable, for the client to trust. With `--ca-key-file` and
+//! `--ca-cert-file` the CA is loaded from (or, on first start, written to)
+//! those files instead, so a restarted processor keeps the CA a running
+//! client already trusts.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, GeneralSubtree, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, NameConstraints, SanType, SerialNumber,
+};
+
+use crate::intercept::{HostPattern, InterceptHosts};
+use crate::secret::KeyPem;
+
+/// Tolerated clock skew: certificates are valid from this long ago.
+const BACKDATE: Duration = Duration::from_secs(300);
+
+/// Where the CA comes from and goes to.
+#[derive(Clone, Debug)]
+pub struct CaSettings {
+    /// Where the CA certificate is written for clients (`--ca-file-destination`).
+    pub destination: PathBuf,
+    /// Existing CA key and certificate (`--ca-key-file`, `--ca-cert-file`).
+    pub persisted: Option<(PathBuf, PathBuf)>,
+    /// Validity of a generated CA (`--ca-validity`).
+    pub validity: Duration,
+}
+
+/// The CA could not be set up, or a leaf could not be signed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// Generating or signing failed.
+    #[error("cannot create a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A file could not be read or written.
+    #[error("{action} {path}: {source}")]
+    File {
+        /// What was attempted.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// Only one of the two persisted files exists.
+    #[error("--ca-key-file {key} and --ca-cert-file {cert} must both exist (to load the CA) or both be absent (to create it)")]
+    HalfPersisted {
+        /// Key file.
+        key: PathBuf,
+        /// Certificate file.
+        cert: PathBuf,
+    },
+    /// The loaded files do not form a usable CA.
+    #[error("the CA in {path} is unusable: {reason}")]
+    Unusable {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A minted leaf: certificate chain (leaf, then CA) and its private key.
+pub struct Leaf {
+    /// PEM chain.
+    pub chain_pem: String,
+    /// PEM private key (PKCS#8).
+    pub key: KeyPem,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+/// The CA. Holds the private key; it has no `Debug` that could print it.
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    not_after: SystemTime,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("key", &"[REDACTED]")
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// Sets up the CA per `settings` and writes the certificate for clients.
+    pub fn init(settings: &CaSettings, hosts: &InterceptHosts, now: SystemTime) -> Result<CertificateAuthority, CaError> {
+        let ca = match &settings.persisted {
+            None => CertificateAuthority::generate(hosts, settings.validity, now)?,
+            Some((key, cert)) => match (key.exists(), cert.exists()) {
+                (true, true) => CertificateAuthority::load(key, cert)?,
+                (false, false) => {
+                    let ca = CertificateAuthority::generate(hosts, settings.validity, now)?;
+                    write_atomically(key, ca.issuer.key().serialize_pem().as_bytes(), 0o600)?;
+                    write_atomically(cert, ca.cert_pem.as_bytes(), 0o644)?;
+                    ca
+                }
+                _ => {
+                    return Err(CaError::HalfPersisted {
+                        key: key.clone(),
+                        cert: cert.clone(),
+                    });
+                }
+            },
+        };
+        write_atomically(&settings.destination, ca.cert_pem.as_bytes(), 0o644)?;
+        Ok(ca)
+    }
+
+    /// A new CA: ECDSA P-256, CA:true with path length 0, name-constrained
+    /// to the intercepted hosts.
+    pub fn generate(hosts: &InterceptHosts, validity: Duration, now: SystemTime) -> Result<CertificateAuthority, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::OrganizationName, "kube-audience-proxy");
+        name.push(
+            DnType::CommonName,
+            format!("kube-audience-proxy interception CA {:08x}", fastrand::u32(..)),
+        );
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.name_constraints = name_constraints(hosts);
+        params.serial_number = Some(random_serial());
+        let not_after = now + validity;
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = not_after.into();
+        let cert = params.self_signed(&key)?;
+        Ok(CertificateAuthority {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+            not_after,
+        })
+    }
+
+    /// Loads a CA from PEM files.
+    pub fn load(key_path: &Path, cert_path: &Path) -> Result<CertificateAuthority, CaError> {
+        let read = |path: &Path| {
+            fs::read_to_string(path).map_err(|source| CaError::File {
+                action: "cannot read",
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let key_pem = read(key_path)?;
+        let cert_pem = read(cert_path)?;
+        let unusable = |reason: String| CaError::Unusable {
+            path: cert_path.to_owned(),
+            reason,
+        };
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| unusable(format!("the key cannot be read ({e})")))?;
+        let not_after = ca_not_after(&cert_pem).map_err(unusable)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+            .map_err(|e| unusable(format!("key and certificate do not match ({e})")))?;
+        Ok(CertificateAuthority {
+            issuer,
+            cert_pem,
+            not_after,
+        })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Signs a leaf for `dns_names` and `ips`, valid for `validity` (never
+    /// beyond the CA's own end).
+    pub fn mint_leaf(&self, dns_names: &[&str], ips: &[IpAddr], validity: Duration, now: SystemTime) -> Result<Leaf, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::OrganizationName, "kube-audience-proxy");
+        params.distinguished_name = name;
+        params.subject_alt_names = dns_names
+            .iter()
+            .map(|n| Ok(SanType::DnsName((*n).try_into()?)))
+            .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let not_after = (now + validity).min(self.not_after);
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = not_after.into();
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let mut chain_pem = cert.pem();
+        chain_pem.push_str(&self.cert_pem);
+        Ok(Leaf {
+            chain_pem,
+            key: KeyPem::new(key.serialize_pem()),
+            not_after,
+        })
+    }
+}
+
+/// Checks that `pem` is a CA certificate and returns its end of validity.
+fn ca_not_after(pem: &str) -> Result<SystemTime, String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| format!("the certificate is not PEM ({e})"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| format!("the certificate cannot be read ({e})"))?;
+    if !cert.is_ca() {
+        return Err("the certificate is not a CA".into());
+    }
+    let secs = cert.validity().not_after.timestamp();
+    let secs = u64::try_from(secs).map_err(|_| "the certificate expired before 1970".to_owned())?;
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// Name constraints limiting the CA to the intercepted hosts (DNS subtrees
+/// for names and suffixes, /32 or /128 for IPs). `None` when nothing is
+/// intercepted (no leaf is ever minted then).
+fn name_constraints(hosts: &InterceptHosts) -> Option<NameConstraints> {
+    let permitted_subtrees: Vec<GeneralSubtree> = hosts
+        .patterns()
+        .iter()
+        .map(|p| match p {
+            HostPattern::Exact(name) => GeneralSubtree::DnsName(name.clone()),
+            HostPattern::Suffix(suffix) => GeneralSubtree::DnsName(suffix.trim_start_matches('.').to_owned()),
+            HostPattern::Ip(ip) => {
+                let prefix = if ip.is_ipv4() { 32 } else { 128 };
+                GeneralSubtree::IpAddress(rcgen::CidrSubnet::from_addr_prefix(*ip, prefix))
+            }
+        })
+        .collect();
+    (!permitted_subtrees.is_empty()).then_some(NameConstraints {
+        permitted_subtrees,
+        excluded_subtrees: Vec::new(),
+    })
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = fastrand::u128(..).to_be_bytes();
+    bytes[0] &= 0x7f; // positive
+    bytes[0] |= 0x01; // no leading zero byte
+    SerialNumber::from_slice(&bytes)
+}
+
+/// Writes `contents` to `path` through a temporary file in the same folder
+/// and a rename, so a reader never sees a partial file; `mode` is set before
+/// any byte is written.
+pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+    let error = |action, source| CaError::File {
+        action,
+        path: path.to_owned(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(source) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(error("cannot write", source));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts() -> InterceptHosts {
+        InterceptHosts::new(["localhost", "*.example.com", "127.0.0.1"]).unwrap()
+    }
+
+    #[test]
+    fn generated_ca_is_constrained_and_writes_only_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("ca.crt");
+        let settings = CaSettings {
+            destination: dest.clone(),
+            persisted: None,
+            validity: Duration::from_secs(86_400 * 365),
+        };
+        let ca = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap();
+        let written = fs::read_to_string(&dest).unwrap();
+        assert_eq!(written, ca.cert_pem());
+        assert_eq!(fs::metadata(&dest).unwrap().permissions().mode() & 0o777, 0o644);
+        let files: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(files, ["ca.crt"], "no key or temporary file left behind");
+        assert!(!written.contains("PRIVATE KEY"));
+        assert_eq!(format!("{ca:?}"), "CertificateAuthority { key: \"[REDACTED]\", .. }");
+
+        let (_, pem) = x509_parser::pem::parse_x509_pem(written.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let bc = cert.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca);
+        assert_eq!(bc.path_len_constraint, Some(0));
+        let nc = cert.name_constraints().unwrap().unwrap().value;
+        let permitted = nc.permitted_subtrees.as_ref().unwrap();
+        assert_eq!(permitted.len(), 3);
+        let shown = format!("{permitted:?}");
+        assert!(shown.contains("example.com") && shown.contains("localhost"), "{shown}");
+    }
+
+    #[test]
+    fn leaves_carry_the_names_and_chain_to_the_ca() {
+        let now = SystemTime::now();
+        let ca = CertificateAuthority::generate(&hosts(), Duration::from_secs(3600), now).unwrap();
+        let leaf = ca
+            .mint_leaf(&["a.example.com"], &["127.0.0.1".parse().unwrap()], Duration::from_secs(86_400), now)
+            .unwrap();
+        assert!(leaf.chain_pem.ends_with(ca.cert_pem()));
+        assert!(leaf.key.expose_secret().contains("PRIVATE KEY"));
+        assert_eq!(format!("{:?}", leaf.key), "KeyPem([REDACTED])");
+        // Never valid beyond the CA.
+        assert_eq!(leaf.not_after, now + Duration::from_secs(3600));
+        let first = leaf.chain_pem.split("-----END CERTIFICATE-----").next().unwrap().to_owned() + "-----END CERTIFICATE-----\n";
+        let (_, pem) = x509_parser::pem::parse_x509_pem(first.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let sans = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value.general_names);
+        assert!(sans.contains("a.example.com") && sans.contains("127, 0, 0, 1"), "{sans}");
+        assert!(!cert.is_ca());
+    }
+
+    #[test]
+    fn persisted_ca_is_created_once_then_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("ca.key");
+        let cert = dir.path().join("ca.pem");
+        let settings = CaSettings {
+            destination: dir.path().join("ca.crt"),
+            persisted: Some((key.clone(), cert.clone())),
+            validity: Duration::from_secs(86_400),
+        };
+        let first = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap();
+        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        let second = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap();
+        assert_eq!(first.cert_pem(), second.cert_pem(), "a restart keeps the CA");
+        // A leaf from the reloaded CA still chains to it.
+        let leaf = second.mint_leaf(&["localhost"], &[], Duration::from_secs(60), SystemTime::now()).unwrap();
+        assert!(leaf.chain_pem.ends_with(first.cert_pem()));
+
+        fs::remove_file(&key).unwrap();
+        let err = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap_err();
+        assert!(err.to_string().contains("must both exist"), "{err}");
+        fs::write(&key, "garbage").unwrap();
+        let err = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap_err();
+        assert!(err.to_string().contains("unusable"), "{err}");
+    }
+
+    #[test]
+    fn unwritable_destination_is_a_clear_error() {
+        let settings = CaSettings {
+            destination: PathBuf::from("/nonexistent-dir/ca.crt"),
+            persisted: None,
+            validity: Duration::from_secs(3600),
+        };
+        let err = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap_err();
+        assert!(err.to_string().starts_with("cannot write /nonexistent-dir/ca.crt"), "{err}");
+    }
+}
