@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, GeneralSubtree, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, NameConstraints, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints, SanType, SerialNumber,
 };
 
 use crate::intercept::{HostPattern, InterceptHosts};
@@ -55,7 +55,9 @@ pub enum CaError {
         source: std::io::Error,
     },
     /// Only one of the two persisted files exists.
-    #[error("--ca-key-file {key} and --ca-cert-file {cert} must both exist (to load the CA) or both be absent (to create it)")]
+    #[error(
+        "--ca-key-file {key} and --ca-cert-file {cert} must both exist (to load the CA) or both be absent (to create it)"
+    )]
     HalfPersisted {
         /// Key file.
         key: PathBuf,
@@ -99,7 +101,11 @@ impl std::fmt::Debug for CertificateAuthority {
 
 impl CertificateAuthority {
     /// Sets up the CA per `settings` and writes the certificate for clients.
-    pub fn init(settings: &CaSettings, hosts: &InterceptHosts, now: SystemTime) -> Result<CertificateAuthority, CaError> {
+    pub fn init(
+        settings: &CaSettings,
+        hosts: &InterceptHosts,
+        now: SystemTime,
+    ) -> Result<CertificateAuthority, CaError> {
         let ca = match &settings.persisted {
             None => CertificateAuthority::generate(hosts, settings.validity, now)?,
             Some((key, cert)) => match (key.exists(), cert.exists()) {
@@ -124,18 +130,29 @@ impl CertificateAuthority {
 
     /// A new CA: ECDSA P-256, CA:true with path length 0, name-constrained
     /// to the intercepted hosts.
-    pub fn generate(hosts: &InterceptHosts, validity: Duration, now: SystemTime) -> Result<CertificateAuthority, CaError> {
+    pub fn generate(
+        hosts: &InterceptHosts,
+        validity: Duration,
+        now: SystemTime,
+    ) -> Result<CertificateAuthority, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
         name.push(DnType::OrganizationName, "kube-audience-proxy");
         name.push(
             DnType::CommonName,
-            format!("kube-audience-proxy interception CA {:08x}", fastrand::u32(..)),
+            format!(
+                "kube-audience-proxy interception CA {:08x}",
+                fastrand::u32(..)
+            ),
         );
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.name_constraints = name_constraints(hosts);
         params.serial_number = Some(random_serial());
         let not_after = now + validity;
@@ -164,7 +181,8 @@ impl CertificateAuthority {
             path: cert_path.to_owned(),
             reason,
         };
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| unusable(format!("the key cannot be read ({e})")))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .map_err(|e| unusable(format!("the key cannot be read ({e})")))?;
         let not_after = ca_not_after(&cert_pem).map_err(unusable)?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| unusable(format!("key and certificate do not match ({e})")))?;
@@ -182,7 +200,13 @@ impl CertificateAuthority {
 
     /// Signs a leaf for `dns_names` and `ips`, valid for `validity` (never
     /// beyond the CA's own end).
-    pub fn mint_leaf(&self, dns_names: &[&str], ips: &[IpAddr], validity: Duration, now: SystemTime) -> Result<Leaf, CaError> {
+    pub fn mint_leaf(
+        &self,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+        validity: Duration,
+        now: SystemTime,
+    ) -> Result<Leaf, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
@@ -236,7 +260,9 @@ fn name_constraints(hosts: &InterceptHosts) -> Option<NameConstraints> {
         .iter()
         .map(|p| match p {
             HostPattern::Exact(name) => GeneralSubtree::DnsName(name.clone()),
-            HostPattern::Suffix(suffix) => GeneralSubtree::DnsName(suffix.trim_start_matches('.').to_owned()),
+            HostPattern::Suffix(suffix) => {
+                GeneralSubtree::DnsName(suffix.trim_start_matches('.').to_owned())
+            }
             HostPattern::Ip(ip) => {
                 let prefix = if ip.is_ipv4() { 32 } else { 128 };
                 GeneralSubtree::IpAddress(rcgen::CidrSubnet::from_addr_prefix(*ip, prefix))
@@ -269,7 +295,10 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), C
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut file = fs::OpenOptions::new()
@@ -310,11 +339,20 @@ mod tests {
         let ca = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap();
         let written = fs::read_to_string(&dest).unwrap();
         assert_eq!(written, ca.cert_pem());
-        assert_eq!(fs::metadata(&dest).unwrap().permissions().mode() & 0o777, 0o644);
-        let files: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        let files: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(files, ["ca.crt"], "no key or temporary file left behind");
         assert!(!written.contains("PRIVATE KEY"));
-        assert_eq!(format!("{ca:?}"), "CertificateAuthority { key: \"[REDACTED]\", .. }");
+        assert_eq!(
+            format!("{ca:?}"),
+            "CertificateAuthority { key: \"[REDACTED]\", .. }"
+        );
 
         let (_, pem) = x509_parser::pem::parse_x509_pem(written.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();
@@ -325,7 +363,10 @@ mod tests {
         let permitted = nc.permitted_subtrees.as_ref().unwrap();
         assert_eq!(permitted.len(), 3);
         let shown = format!("{permitted:?}");
-        assert!(shown.contains("example.com") && shown.contains("localhost"), "{shown}");
+        assert!(
+            shown.contains("example.com") && shown.contains("localhost"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -333,18 +374,39 @@ mod tests {
         let now = SystemTime::now();
         let ca = CertificateAuthority::generate(&hosts(), Duration::from_secs(3600), now).unwrap();
         let leaf = ca
-            .mint_leaf(&["a.example.com"], &["127.0.0.1".parse().unwrap()], Duration::from_secs(86_400), now)
+            .mint_leaf(
+                &["a.example.com"],
+                &["127.0.0.1".parse().unwrap()],
+                Duration::from_secs(86_400),
+                now,
+            )
             .unwrap();
         assert!(leaf.chain_pem.ends_with(ca.cert_pem()));
         assert!(leaf.key.expose_secret().contains("PRIVATE KEY"));
         assert_eq!(format!("{:?}", leaf.key), "KeyPem([REDACTED])");
         // Never valid beyond the CA.
         assert_eq!(leaf.not_after, now + Duration::from_secs(3600));
-        let first = leaf.chain_pem.split("-----END CERTIFICATE-----").next().unwrap().to_owned() + "-----END CERTIFICATE-----\n";
+        let first = leaf
+            .chain_pem
+            .split("-----END CERTIFICATE-----")
+            .next()
+            .unwrap()
+            .to_owned()
+            + "-----END CERTIFICATE-----\n";
         let (_, pem) = x509_parser::pem::parse_x509_pem(first.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();
-        let sans = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value.general_names);
-        assert!(sans.contains("a.example.com") && sans.contains("127, 0, 0, 1"), "{sans}");
+        let sans = format!(
+            "{:?}",
+            cert.subject_alternative_name()
+                .unwrap()
+                .unwrap()
+                .value
+                .general_names
+        );
+        assert!(
+            sans.contains("a.example.com") && sans.contains("127, 0, 0, 1"),
+            "{sans}"
+        );
         assert!(!cert.is_ca());
     }
 
@@ -359,11 +421,25 @@ mod tests {
             validity: Duration::from_secs(86_400),
         };
         let first = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap();
-        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let second = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap();
-        assert_eq!(first.cert_pem(), second.cert_pem(), "a restart keeps the CA");
+        assert_eq!(
+            first.cert_pem(),
+            second.cert_pem(),
+            "a restart keeps the CA"
+        );
         // A leaf from the reloaded CA still chains to it.
-        let leaf = second.mint_leaf(&["localhost"], &[], Duration::from_secs(60), SystemTime::now()).unwrap();
+        let leaf = second
+            .mint_leaf(
+                &["localhost"],
+                &[],
+                Duration::from_secs(60),
+                SystemTime::now(),
+            )
+            .unwrap();
         assert!(leaf.chain_pem.ends_with(first.cert_pem()));
 
         fs::remove_file(&key).unwrap();
@@ -382,6 +458,10 @@ mod tests {
             validity: Duration::from_secs(3600),
         };
         let err = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap_err();
-        assert!(err.to_string().starts_with("cannot write /nonexistent-dir/ca.crt"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("cannot write /nonexistent-dir/ca.crt"),
+            "{err}"
+        );
     }
 }

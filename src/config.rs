@@ -9,7 +9,9 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::audience::{self, Allowlist, Audience, Rules};
+use crate::ca::CaSettings;
 use crate::ext_proc::OnTokenError;
+use crate::intercept::InterceptHosts;
 use crate::tokens::kube::BoundPod;
 
 /// Shortest token lifetime the Kubernetes API server accepts.
@@ -183,6 +185,80 @@ pub struct Cli {
     )]
     pub shutdown_delay: Duration,
 
+    /// Intercept TLS to this host (exact name, `*.suffix` or IP address);
+    /// repeatable (comma-separated in the environment). CONNECT tunnels to
+    /// other hosts pass through untouched. Without any, no CA is created.
+    #[arg(
+        long,
+        env = "KUBE_AUDIENCE_PROXY_INTERCEPT_HOSTS",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub intercept_host: Vec<String>,
+
+    /// Where the interception CA certificate is written (atomically, mode
+    /// 0644) for the client to trust. Only with --intercept-host.
+    #[arg(
+        long,
+        env = "KUBE_AUDIENCE_PROXY_CA_FILE_DESTINATION",
+        value_name = "PATH",
+        default_value = "ca.crt"
+    )]
+    pub ca_file_destination: PathBuf,
+
+    /// Load the CA private key from this file (with --ca-cert-file); if
+    /// neither file exists, a new CA is written there (key mode 0600), so
+    /// restarts keep the CA. Without it the key lives in memory only and a
+    /// restart creates a new CA.
+    #[arg(
+        long,
+        env = "KUBE_AUDIENCE_PROXY_CA_KEY_FILE",
+        value_name = "PATH",
+        requires = "ca_cert_file"
+    )]
+    pub ca_key_file: Option<PathBuf>,
+
+    /// The CA certificate that goes with --ca-key-file.
+    #[arg(
+        long,
+        env = "KUBE_AUDIENCE_PROXY_CA_CERT_FILE",
+        value_name = "PATH",
+        requires = "ca_key_file"
+    )]
+    pub ca_cert_file: Option<PathBuf>,
+
+    /// Validity of a newly created CA.
+    #[arg(
+        long,
+        env = "KUBE_AUDIENCE_PROXY_CA_VALIDITY",
+        value_name = "DURATION",
+        default_value = "365days",
+        value_parser = humantime::parse_duration
+    )]
+    pub ca_validity: Duration,
+
+    /// Validity of each leaf certificate; a successor is pushed to Envoy
+    /// after two thirds of it.
+    #[arg(
+        long,
+        env = "KUBE_AUDIENCE_PROXY_CERTIFICATE_VALIDITY",
+        value_name = "DURATION",
+        default_value = "24h",
+        value_parser = humantime::parse_duration
+    )]
+    pub certificate_validity: Duration,
+
+    /// Most leaf certificates (host names) held at once; names beyond it
+    /// are refused.
+    #[arg(
+        long,
+        env = "KUBE_AUDIENCE_PROXY_MAX_CERTIFICATES",
+        value_name = "N",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub max_certificates: u64,
+
     /// Log level: all, debug, info, warn, error or none.
     #[arg(
         long,
@@ -275,6 +351,14 @@ pub struct Config {
     pub token_request_timeout: Duration,
     /// Drain delay on shutdown.
     pub shutdown_delay: Duration,
+    /// Intercepted hosts.
+    pub intercept: InterceptHosts,
+    /// The CA, if any host is intercepted.
+    pub ca: Option<CaSettings>,
+    /// Leaf certificate validity.
+    pub certificate_validity: Duration,
+    /// Bound on leaf certificates.
+    pub max_certificates: usize,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -338,6 +422,12 @@ pub enum ConfigError {
         "--bind-pod needs the pod's name and UID: pass --pod-name/--pod-uid or set POD_NAME/POD_UID"
     )]
     MissingPod,
+    /// Bad intercept pattern.
+    #[error(transparent)]
+    InterceptHost(#[from] crate::intercept::PatternError),
+    /// Leaf validity out of range.
+    #[error("--certificate-validity must be between 10m and --ca-validity")]
+    CertificateValidity,
     /// A timeout of zero.
     #[error("{0} must be longer than zero")]
     ZeroDuration(&'static str),
@@ -414,6 +504,18 @@ impl TryFrom<Cli> for Config {
             None => None,
         };
 
+        let intercept = InterceptHosts::new(&cli.intercept_host)?;
+        if cli.certificate_validity < Duration::from_secs(600)
+            || cli.certificate_validity > cli.ca_validity
+        {
+            return Err(ConfigError::CertificateValidity);
+        }
+        let ca = (!intercept.is_empty()).then(|| CaSettings {
+            destination: cli.ca_file_destination.clone(),
+            persisted: cli.ca_key_file.clone().zip(cli.ca_cert_file.clone()),
+            validity: cli.ca_validity,
+        });
+
         let bound_pod = if cli.bind_pod {
             match (cli.pod_name, cli.pod_uid) {
                 (Some(name), Some(uid)) if !name.is_empty() && !uid.is_empty() => {
@@ -447,6 +549,10 @@ impl TryFrom<Cli> for Config {
             audience_idle_timeout: cli.audience_idle_timeout,
             token_request_timeout: cli.token_request_timeout,
             shutdown_delay: cli.shutdown_delay,
+            intercept,
+            ca,
+            certificate_validity: cli.certificate_validity,
+            max_certificates: usize::try_from(cli.max_certificates).unwrap_or(usize::MAX),
             log_level: cli.log_level,
             log_format: cli.log_format,
         })

@@ -29,7 +29,11 @@ impl HostPattern {
     /// Parses one pattern.
     pub fn parse(raw: &str) -> Result<HostPattern, PatternError> {
         let lower = raw.trim().to_ascii_lowercase();
-        if let Ok(ip) = lower.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = lower
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             return Ok(HostPattern::Ip(ip));
         }
         if let Some(suffix) = lower.strip_prefix("*.") {
@@ -49,9 +53,8 @@ impl HostPattern {
                 h.len() > suffix.len() && h[h.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
             }
             (HostPattern::Ip(ip), Host::Ip(h)) => ip == h,
-            (HostPattern::Exact(_) | HostPattern::Suffix(_), Host::Ip(_)) | (HostPattern::Ip(_), Host::Name(_)) => {
-                false
-            }
+            (HostPattern::Exact(_) | HostPattern::Suffix(_), Host::Ip(_))
+            | (HostPattern::Ip(_), Host::Name(_)) => false,
         }
     }
 }
@@ -79,7 +82,10 @@ impl<'a> Host<'a> {
     /// Parses a bare host (no port): an IP literal (IPv6 with or without
     /// brackets) or a DNS name. `None` for anything else.
     pub fn parse(raw: &'a str) -> Option<Host<'a>> {
-        let unbracketed = raw.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(raw);
+        let unbracketed = raw
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .unwrap_or(raw);
         if let Ok(ip) = unbracketed.parse::<IpAddr>() {
             return Some(Host::Ip(ip));
         }
@@ -191,22 +197,51 @@ mod tests {
 
     #[test]
     fn patterns_parse_and_match() {
-        let hosts = InterceptHosts::new(["Kubelet.Example", "*.svc.cluster.local", "127.0.0.1", "[::1]"]).unwrap();
-        let yes = ["kubelet.example", "KUBELET.example", "a.svc.cluster.local", "x.y.svc.cluster.local", "127.0.0.1", "::1", "[::1]"];
-        let no = ["svc.cluster.local", "kubelet.example.evil", "evil-kubelet.example", "127.0.0.2", "localhost", "asvc.cluster.local"];
+        let hosts = InterceptHosts::new([
+            "Kubelet.Example",
+            "*.svc.cluster.local",
+            "127.0.0.1",
+            "[::1]",
+        ])
+        .unwrap();
+        let yes = [
+            "kubelet.example",
+            "KUBELET.example",
+            "a.svc.cluster.local",
+            "x.y.svc.cluster.local",
+            "127.0.0.1",
+            "::1",
+            "[::1]",
+        ];
+        let no = [
+            "svc.cluster.local",
+            "kubelet.example.evil",
+            "evil-kubelet.example",
+            "127.0.0.2",
+            "localhost",
+            "asvc.cluster.local",
+        ];
         for h in yes {
             assert!(hosts.matches(&Host::parse(h).unwrap()), "{h}");
         }
         for h in no {
             assert!(!hosts.matches(&Host::parse(h).unwrap()), "{h}");
         }
-        assert_eq!(hosts.ips(), ["127.0.0.1".parse::<IpAddr>().unwrap(), "::1".parse().unwrap()]);
+        assert_eq!(
+            hosts.ips(),
+            [
+                "127.0.0.1".parse::<IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
+        );
         assert_eq!(hosts.patterns()[1].to_string(), "*.svc.cluster.local");
     }
 
     #[test]
     fn bad_patterns_are_refused() {
-        for bad in ["", "*", "*.", "a b", "http://x", "x:443", "*.*.x", "a..b", "-a.b"] {
+        for bad in [
+            "", "*", "*.", "a b", "http://x", "x:443", "*.*.x", "a..b", "-a.b",
+        ] {
             assert!(HostPattern::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -214,10 +249,19 @@ mod tests {
     #[test]
     fn authorities_split_into_host_and_port() {
         let cases = [
-            ("localhost:8443", Some((Host::Name("localhost"), Some(8443)))),
+            (
+                "localhost:8443",
+                Some((Host::Name("localhost"), Some(8443))),
+            ),
             ("localhost", Some((Host::Name("localhost"), None))),
-            ("127.0.0.1:443", Some((Host::Ip("127.0.0.1".parse().unwrap()), Some(443)))),
-            ("[::1]:443", Some((Host::Ip("::1".parse().unwrap()), Some(443)))),
+            (
+                "127.0.0.1:443",
+                Some((Host::Ip("127.0.0.1".parse().unwrap()), Some(443))),
+            ),
+            (
+                "[::1]:443",
+                Some((Host::Ip("::1".parse().unwrap()), Some(443))),
+            ),
             ("[::1]", Some((Host::Ip("::1".parse().unwrap()), None))),
             ("::1", Some((Host::Ip("::1".parse().unwrap()), None))),
             ("host:notaport", None),
@@ -227,6 +271,10 @@ mod tests {
         for (authority, want) in cases {
             assert_eq!(Host::from_authority(authority), want, "{authority}");
         }
-        assert!(Host::parse("Example.COM.").unwrap().same_as(&Host::parse("example.com").unwrap()));
+        assert!(
+            Host::parse("Example.COM.")
+                .unwrap()
+                .same_as(&Host::parse("example.com").unwrap())
+        );
     }
 }

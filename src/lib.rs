@@ -20,6 +20,7 @@ pub mod ca;
 pub mod config;
 pub mod ext_proc;
 pub mod intercept;
+pub mod sds;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
@@ -98,5 +99,27 @@ pub fn processor<S: tokens::TokenSource>(config: &Config, source: S) -> ext_proc
             idle_timeout: config.audience_idle_timeout,
         },
     );
-    ext_proc::ExtProc::new(config.rules.clone(), cache, config.on_token_error)
+    ext_proc::ExtProc::new(
+        config.rules.clone(),
+        cache,
+        config.on_token_error,
+        config.intercept.clone(),
+    )
+}
+
+/// The SDS service for `config`: `None` when no host is intercepted.
+/// Creates (or loads) the CA and writes its certificate.
+pub fn sds(config: &Config) -> Result<Option<sds::Sds>, ca::CaError> {
+    let Some(settings) = &config.ca else {
+        return Ok(None);
+    };
+    let authority =
+        ca::CertificateAuthority::init(settings, &config.intercept, std::time::SystemTime::now())?;
+    let certs = sds::certs::Certificates::new(
+        authority,
+        config.intercept.clone(),
+        config.certificate_validity,
+        config.max_certificates,
+    );
+    Ok(Some(sds::Sds::new(std::sync::Arc::new(certs))))
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kube_audience_proxy::config::{Cli, Config};
-use kube_audience_proxy::{kube_client, processor, server, shutdown, telemetry, token_source};
+use kube_audience_proxy::{kube_client, processor, sds, server, shutdown, telemetry, token_source};
 
 /// EX_USAGE: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -35,6 +35,20 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let sds = match sds(&config) {
+        Ok(sds) => sds,
+        Err(error) => {
+            tracing::error!(%error, "cannot set up the interception CA");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(ca) = &config.ca {
+        tracing::info!(
+            path = %ca.destination.display(),
+            hosts = config.intercept.patterns().len(),
+            "interception CA certificate written"
+        );
+    }
     let listeners = match server::Listeners::bind(&config.grpc_listen, config.admin_listen).await {
         Ok(listeners) => listeners,
         Err(error) => {
@@ -52,6 +66,7 @@ async fn main() -> ExitCode {
     let source = token_source(client, &config);
     match server::run(
         processor(&config, source),
+        sds,
         listeners,
         config.shutdown_delay,
         shutdown::signal(),

@@ -21,6 +21,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::config::ListenAddress;
 use crate::ext_proc::ExtProc;
+use crate::sds::Sds;
 use crate::tokens::TokenSource;
 
 /// Longest wait for in-flight streams once the drain delay is over.
@@ -139,6 +140,7 @@ fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
 /// Serves until `shutdown` completes, then drains (see the module docs).
 pub async fn run<S: TokenSource>(
     processor: ExtProc<S>,
+    sds: Option<Sds>,
     listeners: Listeners,
     shutdown_delay: Duration,
     shutdown: impl Future<Output = ()>,
@@ -167,7 +169,8 @@ pub async fn run<S: TokenSource>(
 
     let router = tonic::transport::Server::builder()
         .add_service(tonic_health::pb::health_server::HealthServer::new(health()))
-        .add_service(processor.into_service());
+        .add_service(processor.into_service())
+        .add_optional_service(sds.map(Sds::into_service));
     let mut socket_path = None;
     let grpc = match listeners.grpc {
         GrpcListener::Tcp(listener) => {

@@ -25,6 +25,7 @@ use futures_util::Stream;
 use tonic::{Status, Streaming};
 
 use crate::audience::{self, RequestParts, Rules};
+use crate::intercept::{Host, InterceptHosts};
 use crate::tokens::TokenSource;
 use crate::tokens::cache::TokenCache;
 
@@ -55,6 +56,30 @@ struct Inner<S> {
     tokens: TokenCache<S>,
     token_header: String,
     on_token_error: OnTokenError,
+    intercept: InterceptHosts,
+}
+
+/// Header the processor sets on a CONNECT request whose host is intercepted;
+/// the shipped Envoy config routes such tunnels to the TLS-terminating
+/// internal listener. It never leaves Envoy (a terminated CONNECT forwards
+/// only its payload), and a client-sent one is removed.
+pub const INTERCEPT_MARKER: &str = "x-kube-audience-proxy-intercept";
+
+/// gRPC metadata set by the intercepting listener's ext_proc filter: the
+/// request arrived inside intercepted TLS, so its `:authority` must match
+/// the SNI the certificate was minted for.
+pub const LISTENER_METADATA: &str = "x-kube-audience-proxy-listener";
+
+/// The Envoy attribute holding the TLS server name (SNI).
+pub const SNI_ATTRIBUTE: &str = "connection.requested_server_name";
+
+/// What a stream knows before its first message (from the gRPC metadata).
+#[derive(Clone, Debug, Default)]
+pub struct StreamContext {
+    /// Audience named by Envoy configuration.
+    pub audience: Option<Bytes>,
+    /// The request came through the intercepting (TLS) listener.
+    pub intercepted: bool,
 }
 
 /// Most audience-header entries looked at in one request (more is refused
@@ -63,13 +88,19 @@ const MAX_AUDIENCE_HEADERS: usize = 8;
 
 impl<S: TokenSource> ExtProc<S> {
     /// A processor resolving audiences with `rules` and tokens from `tokens`.
-    pub fn new(rules: Rules, tokens: TokenCache<S>, on_token_error: OnTokenError) -> ExtProc<S> {
+    pub fn new(
+        rules: Rules,
+        tokens: TokenCache<S>,
+        on_token_error: OnTokenError,
+        intercept: InterceptHosts,
+    ) -> ExtProc<S> {
         ExtProc {
             inner: Arc::new(Inner {
                 rules,
                 tokens,
                 token_header: "authorization".to_owned(),
                 on_token_error,
+                intercept,
             }),
         }
     }
@@ -83,11 +114,16 @@ impl<S: TokenSource> ExtProc<S> {
     pub async fn handle(
         &self,
         message: ProcessingRequest,
-        metadata: Option<&[u8]>,
+        context: &StreamContext,
     ) -> Result<ProcessingResponse, Status> {
         match message.request {
             Some(Phase::RequestHeaders(headers)) => {
-                Ok(self.request_headers(&headers, metadata).await)
+                let sni = context
+                    .intercepted
+                    .then(|| sni(&message.attributes, &headers));
+                Ok(self
+                    .request_headers(&headers, context.audience.as_deref(), sni)
+                    .await)
             }
             Some(Phase::ResponseHeaders(_)) => Ok(response::response_headers()),
             Some(Phase::RequestBody(_)) => Ok(response::request_body()),
@@ -100,24 +136,45 @@ impl<S: TokenSource> ExtProc<S> {
         }
     }
 
+    /// `sni` is `Some` for requests that arrived inside intercepted TLS
+    /// (the server name, empty when the client sent none).
     async fn request_headers(
         &self,
         headers: &HttpHeaders,
         metadata: Option<&[u8]>,
+        sni: Option<String>,
     ) -> ProcessingResponse {
         let inner = &*self.inner;
         let mut path: Option<&[u8]> = None;
+        let mut method: &[u8] = b"";
+        let mut authority: &[u8] = b"";
+        let mut marked = false;
         let mut audience_values: [&[u8]; MAX_AUDIENCE_HEADERS] = [&[]; MAX_AUDIENCE_HEADERS];
         let mut audience_count = 0;
         for header in headers.headers.iter().flat_map(|map| map.headers.iter()) {
             if header.key == ":path" {
                 path = Some(header_bytes(header));
+            } else if header.key == ":method" {
+                method = header_bytes(header);
+            } else if header.key == ":authority" {
+                authority = header_bytes(header);
+            } else if header.key == INTERCEPT_MARKER {
+                marked = true;
             } else if header.key.eq_ignore_ascii_case(&inner.rules.header)
                 && audience_count < MAX_AUDIENCE_HEADERS
             {
                 audience_values[audience_count] = header_bytes(header);
                 audience_count += 1;
             }
+        }
+        if method == b"CONNECT" {
+            return self.connect(authority, marked);
+        }
+        if let Some(sni) = sni
+            && let Err(reason) = authority_matches_sni(authority, &sni)
+        {
+            tracing::info!(%reason, "refused a request whose host differs from its TLS server name (421)");
+            return response::misdirected(&reason);
         }
         let parts = RequestParts {
             header_values: &audience_values[..audience_count],
@@ -165,6 +222,68 @@ impl<S: TokenSource> ExtProc<S> {
     }
 }
 
+impl<S: TokenSource> ExtProc<S> {
+    /// A CONNECT: mark intercepted hosts so Envoy re-routes the tunnel to the
+    /// TLS-terminating listener; strip a client-sent marker. No token is
+    /// ever added to a CONNECT.
+    fn connect(&self, authority: &[u8], marked: bool) -> ProcessingResponse {
+        let host = std::str::from_utf8(authority)
+            .ok()
+            .and_then(Host::from_authority)
+            .map(|(host, _)| host);
+        let intercept = host.is_some_and(|h| self.inner.intercept.matches(&h));
+        tracing::debug!(authority = %String::from_utf8_lossy(authority), intercept, "CONNECT");
+        response::connect(INTERCEPT_MARKER, intercept, marked)
+    }
+}
+
+/// The SNI Envoy reports for this request (empty if absent). Envoy 1.40 puts
+/// attributes in `ProcessingRequest.attributes`; older versions in the
+/// headers message. Both are keyed by the filter name.
+fn sni(
+    request_attributes: &std::collections::HashMap<
+        String,
+        envoy_types::pb::google::protobuf::Struct,
+    >,
+    headers: &HttpHeaders,
+) -> String {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    request_attributes
+        .values()
+        .chain(headers.attributes.values())
+        .find_map(|s| match s.fields.get(SNI_ATTRIBUTE)?.kind.as_ref()? {
+            Kind::StringValue(v) => Some(v.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// A request inside intercepted TLS may only go to the host its certificate
+/// was minted for: the SNI, or, for a client without SNI, an IP literal
+/// (the SNI-less certificate holds only the intercepted IPs).
+fn authority_matches_sni(authority: &[u8], sni: &str) -> Result<(), String> {
+    let authority = String::from_utf8_lossy(authority);
+    let Some((host, _)) = Host::from_authority(&authority) else {
+        return Err(format!(
+            "the request's host {authority:?} is not a valid host"
+        ));
+    };
+    if sni.is_empty() {
+        return match host {
+            Host::Ip(_) => Ok(()),
+            Host::Name(name) => Err(format!(
+                "the request is for {name:?} but the TLS connection carried no server name (SNI)"
+            )),
+        };
+    }
+    match Host::parse(sni) {
+        Some(sni_host) if sni_host.same_as(&host) => Ok(()),
+        _ => Err(format!(
+            "the request is for {authority:?} but the TLS connection was opened for {sni:?}"
+        )),
+    }
+}
+
 /// A header's value: Envoy sends it in `raw_value`; `value` is read only as
 /// a fallback for other data planes.
 fn header_bytes(header: &HeaderValue) -> &[u8] {
@@ -185,14 +304,20 @@ impl<S: TokenSource> ExternalProcessor for ExtProc<S> {
         &self,
         request: tonic::Request<Streaming<ProcessingRequest>>,
     ) -> Result<tonic::Response<Self::ProcessStream>, Status> {
-        let metadata: Option<Bytes> = request
-            .metadata()
-            .get(audience::METADATA_KEY)
-            .map(|v| Bytes::copy_from_slice(v.as_bytes()));
+        let context = StreamContext {
+            audience: request
+                .metadata()
+                .get(audience::METADATA_KEY)
+                .map(|v| Bytes::copy_from_slice(v.as_bytes())),
+            intercepted: request
+                .metadata()
+                .get(LISTENER_METADATA)
+                .is_some_and(|v| v.as_bytes() == b"intercept"),
+        };
         let inbound = request.into_inner();
-        let state = Some((inbound, self.clone(), metadata));
+        let state = Some((inbound, self.clone(), context));
         let stream = futures_util::stream::unfold(state, |state| async move {
-            let (mut inbound, processor, metadata) = state?;
+            let (mut inbound, processor, context) = state?;
             loop {
                 let message = match inbound.message().await {
                     Ok(Some(message)) => message,
@@ -209,8 +334,8 @@ impl<S: TokenSource> ExternalProcessor for ExtProc<S> {
                     // Envoy ignores answers in observability mode.
                     continue;
                 }
-                return match processor.handle(message, metadata.as_deref()).await {
-                    Ok(answer) => Some((Ok(answer), Some((inbound, processor, metadata)))),
+                return match processor.handle(message, &context).await {
+                    Ok(answer) => Some((Ok(answer), Some((inbound, processor, context)))),
                     Err(status) => Some((Err(status), None)),
                 };
             }

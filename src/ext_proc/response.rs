@@ -74,6 +74,45 @@ fn overwrite(key: &str, raw_value: Vec<u8>) -> HeaderValueOption {
     }
 }
 
+/// The answer to a CONNECT: set the intercept marker (and re-route) for an
+/// intercepted host; otherwise remove a client-sent marker (and re-route,
+/// since the route may have been chosen with it).
+pub fn connect(marker: &str, intercept: bool, client_marked: bool) -> ProcessingResponse {
+    let header_mutation = if intercept {
+        Some(HeaderMutation {
+            set_headers: vec![overwrite(marker, b"1".to_vec())],
+            remove_headers: Vec::new(),
+        })
+    } else if client_marked {
+        Some(HeaderMutation {
+            set_headers: Vec::new(),
+            remove_headers: vec![marker.to_owned()],
+        })
+    } else {
+        None
+    };
+    ProcessingResponse {
+        response: Some(Response::RequestHeaders(HeadersResponse {
+            response: Some(CommonResponse {
+                clear_route_cache: header_mutation.is_some(),
+                header_mutation,
+                ..Default::default()
+            }),
+        })),
+        ..Default::default()
+    }
+}
+
+/// Envoy answers 421: the request's host is not the one the TLS
+/// certificate was minted for.
+pub fn misdirected(reason: &str) -> ProcessingResponse {
+    immediate(
+        StatusCode::MisdirectedRequest,
+        reason,
+        "kube_audience_proxy_misdirected_request",
+    )
+}
+
 /// The HTTP status for an audience refusal.
 pub fn rejection_status(rejection: &Rejection) -> StatusCode {
     match rejection {

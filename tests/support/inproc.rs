@@ -54,8 +54,10 @@ impl InProcess {
         let grpc = listeners.grpc_address();
         let admin = listeners.admin_address().parse().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
+        let sds = kube_audience_proxy::sds(&config).unwrap();
         let task = tokio::spawn(server::run(
             kube_audience_proxy::processor(&config, source),
+            sds,
             listeners,
             config.shutdown_delay,
             async {

@@ -1,0 +1,366 @@
+//! The Secret Discovery Service Envoy fetches interception certificates from
+//! (`envoy.service.secret.v3.SecretDiscoveryService`).
+//!
+//! - `DeltaSecrets` (what the shipped config uses, `api_type: DELTA_GRPC`):
+//!   Envoy's on-demand certificate selector subscribes to one name per SNI.
+//!   A name that may be minted is answered with its secret; any other is
+//!   refused at once through `removed_resources`, which fails that TLS
+//!   handshake instead of leaving it waiting. Secrets are re-minted and
+//!   pushed on the open stream before they expire.
+//! - `StreamSecrets` (state of the world) and `FetchSecrets` answer the
+//!   names that may be minted; SotW has no way to refuse a name.
+//!
+//! ACK/NACK: every response carries a nonce; Envoy's next request echoes it,
+//! with `error_detail` set for a NACK. A NACK is logged and counted; the
+//! same resource is not sent again until it changes (no resend loops).
+
+pub mod certs;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use futures_util::Stream;
+use prost::Name;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use certs::Certificates;
+
+/// The SDS service. Cheap to clone.
+#[derive(Clone)]
+pub struct Sds {
+    certs: Arc<Certificates>,
+    nacks: Arc<AtomicU64>,
+}
+
+impl Sds {
+    /// A service over `certs`.
+    pub fn new(certs: Arc<Certificates>) -> Sds {
+        Sds {
+            certs,
+            nacks: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The tonic service.
+    pub fn into_service(self) -> SecretDiscoveryServiceServer<Sds> {
+        SecretDiscoveryServiceServer::new(self)
+    }
+
+    /// NACKs received so far.
+    pub fn nacks(&self) -> u64 {
+        self.nacks.load(Ordering::Relaxed)
+    }
+
+    /// The certificate store.
+    pub fn certificates(&self) -> &Arc<Certificates> {
+        &self.certs
+    }
+}
+
+fn check_type(type_url: &str) -> Result<(), Status> {
+    if type_url.is_empty() || type_url == Secret::type_url() {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "this server only serves {} (asked for {type_url:?})",
+            Secret::type_url()
+        )))
+    }
+}
+
+/// Records an ACK or NACK carried by a request.
+fn note_ack(nacks: &AtomicU64, nonce: &str, error: Option<&envoy_types::pb::google::rpc::Status>) {
+    if nonce.is_empty() {
+        return;
+    }
+    match error {
+        Some(error) => {
+            nacks.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(nonce, code = error.code, message = %error.message, "Envoy rejected a secret (NACK)");
+        }
+        None => tracing::trace!(nonce, "Envoy accepted a secret (ACK)"),
+    }
+}
+
+// === impl Delta ===
+
+/// One delta stream: subscribed names with the version sent and when it must
+/// be rotated, each holding one `--max-certificates` slot.
+struct DeltaStream<'a> {
+    certs: &'a Certificates,
+    subscribed: HashMap<String, (String, Instant, certs::Slot<'a>)>,
+    nonce: u64,
+}
+
+impl<'a> DeltaStream<'a> {
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        self.nonce.to_string()
+    }
+
+    /// Handles one request; returns the response to send, if any.
+    async fn on_request(
+        &mut self,
+        request: DeltaDiscoveryRequest,
+    ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+        check_type(&request.type_url)?;
+        for name in &request.resource_names_unsubscribe {
+            self.subscribed.remove(name);
+        }
+        // After a reconnect Envoy lists what it holds in
+        // initial_resource_versions: those names are subscribed too.
+        let mut wanted: Vec<String> = request.resource_names_subscribe;
+        wanted.extend(request.initial_resource_versions.into_keys());
+        wanted.sort();
+        wanted.dedup();
+        let mut response = DeltaDiscoveryResponse {
+            type_url: Secret::type_url(),
+            ..Default::default()
+        };
+        for name in wanted {
+            if name == "*" || self.subscribed.contains_key(&name) {
+                continue;
+            }
+            match self.subscribe(&name).await {
+                Ok(resource) => response.resources.push(resource),
+                Err(_) => response.removed_resources.push(name),
+            }
+        }
+        if response.resources.is_empty() && response.removed_resources.is_empty() {
+            return Ok(None);
+        }
+        response.nonce = self.next_nonce();
+        Ok(Some(response))
+    }
+
+    async fn subscribe(
+        &mut self,
+        name: &str,
+    ) -> Result<envoy_types::pb::envoy::service::discovery::v3::Resource, certs::Refusal> {
+        self.certs.check(name)?;
+        let slot = self
+            .certs
+            .hold()
+            .inspect_err(|refusal| self.certs.refused(name, refusal))?;
+        let minted = self.certs.get(name).await?;
+        self.subscribed.insert(
+            name.to_owned(),
+            (minted.version.clone(), minted.rotate_at, slot),
+        );
+        Ok(minted.resource())
+    }
+
+    fn next_rotation(&self) -> Option<Instant> {
+        self.subscribed.values().map(|(_, at, _)| *at).min()
+    }
+
+    /// Re-mints every secret due and returns the push, if any.
+    async fn rotate(&mut self) -> Option<DeltaDiscoveryResponse> {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .subscribed
+            .iter()
+            .filter(|(_, (_, at, _))| *at <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut response = DeltaDiscoveryResponse {
+            type_url: Secret::type_url(),
+            ..Default::default()
+        };
+        for name in due {
+            match self.certs.get(&name).await {
+                Ok(minted) => {
+                    if let Some(entry) = self.subscribed.get_mut(&name) {
+                        entry.0 = minted.version.clone();
+                        entry.1 = minted.rotate_at;
+                    }
+                    response.resources.push(minted.resource());
+                }
+                Err(_) => {
+                    self.subscribed.remove(&name);
+                    response.removed_resources.push(name);
+                }
+            }
+        }
+        if response.resources.is_empty() && response.removed_resources.is_empty() {
+            return None;
+        }
+        response.nonce = self.next_nonce();
+        Some(response)
+    }
+}
+
+async fn serve_delta(
+    certs: Arc<Certificates>,
+    nacks: Arc<AtomicU64>,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) {
+    let mut stream = DeltaStream {
+        certs: &certs,
+        subscribed: HashMap::new(),
+        nonce: 0,
+    };
+    loop {
+        let rotation = stream.next_rotation();
+        let response = tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(request)) => {
+                    note_ack(&nacks, &request.response_nonce, request.error_detail.as_ref());
+                    match stream.on_request(request).await {
+                        Ok(response) => response.map(Ok),
+                        Err(status) => Some(Err(status)),
+                    }
+                }
+                Ok(None) => return,
+                Err(status) => {
+                    tracing::debug!(code = ?status.code(), "SDS stream ended");
+                    return;
+                }
+            },
+            () = sleep_until(rotation) => stream.rotate().await.map(Ok),
+        };
+        if let Some(response) = response {
+            let end = response.is_err();
+            if out.send(response).await.is_err() || end {
+                return;
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+// === impl state of the world ===
+
+async fn serve_sotw(
+    certs: Arc<Certificates>,
+    nacks: Arc<AtomicU64>,
+    mut inbound: Streaming<DiscoveryRequest>,
+    out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) {
+    let mut names: Vec<String> = Vec::new();
+    let mut nonce = 0u64;
+    let mut rotation: Option<Instant> = None;
+    loop {
+        let send = tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(request)) => {
+                    if let Err(status) = check_type(&request.type_url) {
+                        let _ = out.send(Err(status)).await;
+                        return;
+                    }
+                    note_ack(&nacks, &request.response_nonce, request.error_detail.as_ref());
+                    let mut requested = request.resource_names;
+                    requested.sort();
+                    requested.dedup();
+                    // An ACK/NACK of the current set needs no answer.
+                    let changed = requested != names;
+                    names = requested;
+                    changed || request.response_nonce.is_empty()
+                }
+                Ok(None) | Err(_) => return,
+            },
+            () = sleep_until(rotation) => true,
+        };
+        if !send {
+            continue;
+        }
+        let mut resources = Vec::new();
+        rotation = None;
+        for name in &names {
+            if let Ok(minted) = certs.get(name).await {
+                rotation =
+                    Some(rotation.map_or(minted.rotate_at, |r: Instant| r.min(minted.rotate_at)));
+                resources.push(minted.any());
+            }
+        }
+        nonce += 1;
+        let response = DiscoveryResponse {
+            version_info: nonce.to_string(),
+            resources,
+            type_url: Secret::type_url(),
+            nonce: nonce.to_string(),
+            ..Default::default()
+        };
+        if out.send(Ok(response)).await.is_err() {
+            return;
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for Sds {
+    type DeltaSecretsStream = BoxStream<DeltaDiscoveryResponse>;
+    type StreamSecretsStream = BoxStream<DiscoveryResponse>;
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(serve_delta(
+            self.certs.clone(),
+            self.nacks.clone(),
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(serve_sotw(
+            self.certs.clone(),
+            self.nacks.clone(),
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let request = request.into_inner();
+        check_type(&request.type_url)?;
+        let mut resources = Vec::new();
+        let mut version = Vec::new();
+        for name in &request.resource_names {
+            if let Ok(minted) = self.certs.get(name).await {
+                version.push(minted.version.clone());
+                resources.push(minted.any());
+            }
+        }
+        Ok(Response::new(DiscoveryResponse {
+            version_info: version.join(","),
+            resources,
+            type_url: Secret::type_url(),
+            nonce: "fetch".into(),
+            ..Default::default()
+        }))
+    }
+}
