@@ -57,7 +57,16 @@ async fn curl(args: Vec<String>) -> CurlResponse {
                 stderr,
             };
         }
-        let (head, body) = stdout.split_once("\r\n\r\n").unwrap_or((&stdout, ""));
+        let (mut head, mut body) = stdout.split_once("\r\n\r\n").unwrap_or((&stdout, ""));
+        // Skip interim responses (`100 Continue` for large HTTP/1.1 uploads).
+        while head.starts_with("HTTP/")
+            && head
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|s| s.starts_with('1'))
+        {
+            (head, body) = body.split_once("\r\n\r\n").unwrap_or((body, ""));
+        }
         let mut lines = head.lines();
         let status_line = lines.next().unwrap_or_default();
         let status = status_line
@@ -678,7 +687,10 @@ async fn upstream_serves_https() {
     let port = upstream.addr().port();
     assert_eq!(upstream.url(), format!("https://127.0.0.1:{port}"));
     let ca_pem = upstream.ca_pem().unwrap();
-    assert!(ca_pem.starts_with("-----BEGIN CERTIFICATE-----"), "{ca_pem}");
+    assert!(
+        ca_pem.starts_with("-----BEGIN CERTIFICATE-----"),
+        "{ca_pem}"
+    );
     let cn = upstream.ca_issuer_cn().unwrap();
     assert!(
         cn.starts_with("kube-audience-proxy test upstream CA "),

@@ -174,3 +174,17 @@ impl Envoy {
         format!("http://{}", self.listener)
     }
 }
+
+/// Makes the shipped config trust `ca_file` (instead of the system store)
+/// for intercepted requests' upstreams, as an operator with a private CA would.
+pub fn trust_upstream_ca(config: &mut Value, ca_file: &Path) {
+    let clusters = config["static_resources"]["clusters"]
+        .as_sequence_mut()
+        .expect("clusters");
+    let cluster = clusters
+        .iter_mut()
+        .find(|c| c["name"] == "dynamic_forward_proxy_tls")
+        .expect("the shipped config has a dynamic_forward_proxy_tls cluster");
+    cluster["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]["trusted_ca"]
+        ["filename"] = ca_file.to_str().unwrap().into();
+}
