@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     ProcessingRequest, ProcessingResponse,
 };
 use support::apiserver::{ApiServerOptions, FakeApiServer, Fault};
-use support::inproc::{InProcess, config, get, process_one, request_headers};
+use support::inproc::{InProcess, config, get, process_one, process_with, request_headers};
 
 struct Setup {
     api: FakeApiServer,
@@ -527,4 +527,124 @@ impl tonic::codec::Decoder for RawCodec {
         use bytes::Buf;
         Ok(Some(src.copy_to_bytes(src.remaining())))
     }
+}
+
+fn connect(authority: &str, marked: bool) -> ProcessingRequest {
+    let mut headers = vec![(":method", "CONNECT"), (":authority", authority)];
+    if marked {
+        headers.push(("x-kube-audience-proxy-intercept", "1"));
+    }
+    request_headers(&headers)
+}
+
+async fn intercepting(extra: &[&str]) -> (Setup, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    let mut args = vec![
+        "--intercept-host",
+        "localhost",
+        "--intercept-host",
+        "127.0.0.1",
+        "--ca-file-destination",
+        ca.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    (setup(&args).await, dir)
+}
+
+#[tokio::test]
+async fn connect_to_intercepted_hosts_is_marked_for_rerouting() {
+    let (s, _dir) = intercepting(&[]).await;
+    let mut client = s.proc.client().await;
+    for authority in ["localhost:443", "LOCALHOST:8443", "127.0.0.1:443"] {
+        let resp = process_one(&mut client, connect(authority, false), None)
+            .await
+            .unwrap();
+        let c = common(&resp);
+        assert!(c.clear_route_cache, "{authority}");
+        assert_eq!(
+            set_value(&resp, "x-kube-audience-proxy-intercept").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            set_value(&resp, "authorization"),
+            None,
+            "never a token on CONNECT"
+        );
+    }
+    // Not intercepted: a client-sent marker is removed and the route recomputed.
+    let resp = process_one(&mut client, connect("example.org:443", true), None)
+        .await
+        .unwrap();
+    assert!(common(&resp).clear_route_cache);
+    assert_eq!(
+        mutation(&resp).remove_headers,
+        ["x-kube-audience-proxy-intercept"]
+    );
+    assert!(mutation(&resp).set_headers.is_empty());
+    // Not intercepted, unmarked: untouched.
+    let resp = process_one(&mut client, connect("example.org:443", false), None)
+        .await
+        .unwrap();
+    assert!(!common(&resp).clear_route_cache);
+    assert!(common(&resp).header_mutation.is_none());
+    assert_eq!(s.api.token_requests(), 0);
+}
+
+fn inside_tls(authority: &str, sni: &str) -> ProcessingRequest {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let mut message = request_headers(&[
+        (":method", "GET"),
+        (":authority", authority),
+        (":path", "/x?kubernetes-audience=A"),
+    ]);
+    let fields = [(
+        "connection.requested_server_name".to_owned(),
+        Value {
+            kind: Some(Kind::StringValue(sni.to_owned())),
+        },
+    )]
+    .into();
+    message
+        .attributes
+        .insert("envoy.filters.http.ext_proc".into(), Struct { fields });
+    message
+}
+
+#[tokio::test]
+async fn requests_inside_intercepted_tls_must_match_the_sni() {
+    let (s, _dir) = intercepting(&[]).await;
+    let mut client = s.proc.client().await;
+    let listener = [("x-kube-audience-proxy-listener", "intercept")];
+    for (authority, sni) in [
+        ("localhost:8443", "localhost"),
+        ("Localhost", "localhost."),
+        ("127.0.0.1:1", ""),
+    ] {
+        let resp = process_with(&mut client, inside_tls(authority, sni), &listener)
+            .await
+            .unwrap();
+        assert_token_for(&s.api, &resp, "A");
+    }
+    for (authority, sni, reason) in [
+        (
+            "127.0.0.1:8443",
+            "localhost",
+            "TLS connection was opened for \"localhost\"",
+        ),
+        ("other.test", "localhost", "opened for \"localhost\""),
+        ("localhost", "", "carried no server name"),
+    ] {
+        let resp = process_with(&mut client, inside_tls(authority, sni), &listener)
+            .await
+            .unwrap();
+        let (code, body) = status_and_body(&resp);
+        assert_eq!(code, 421, "{authority} / {sni}");
+        assert!(body.contains(reason), "{body}");
+    }
+    // The same request outside the intercepting listener is not checked.
+    let resp = process_one(&mut client, inside_tls("other.test", "localhost"), None)
+        .await
+        .unwrap();
+    assert_token_for(&s.api, &resp, "A");
 }

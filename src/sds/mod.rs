@@ -364,3 +364,151 @@ impl SecretDiscoveryService for Sds {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::ca::CertificateAuthority;
+    use crate::intercept::InterceptHosts;
+
+    fn store(max: usize) -> Certificates {
+        let hosts = InterceptHosts::new(["localhost", "*.example.com"]).unwrap();
+        let ca = CertificateAuthority::generate(
+            &hosts,
+            Duration::from_secs(86_400 * 30),
+            SystemTime::now(),
+        )
+        .unwrap();
+        Certificates::new(ca, hosts, Duration::from_secs(86_400), max)
+    }
+
+    fn subscribe(names: &[&str]) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: Secret::type_url(),
+            resource_names_subscribe: names.iter().map(|n| (*n).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn names(response: &DeltaDiscoveryResponse) -> (Vec<&str>, Vec<&str>) {
+        (
+            response.resources.iter().map(|r| r.name.as_str()).collect(),
+            response
+                .removed_resources
+                .iter()
+                .map(String::as_str)
+                .collect(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delta_serves_refuses_bounds_and_rotates() {
+        let certs = store(2);
+        let mut stream = DeltaStream {
+            certs: &certs,
+            subscribed: HashMap::new(),
+            nonce: 0,
+        };
+        let first = stream
+            .on_request(subscribe(&["localhost", "evil.test"]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(names(&first), (vec!["localhost"], vec!["evil.test"]));
+        assert_eq!(first.nonce, "1");
+        assert_eq!(first.type_url, Secret::type_url());
+        let version = first.resources[0].version.clone();
+
+        // An ACK (or a NACK) of that answer, and a repeated subscription,
+        // need no answer.
+        let ack = DeltaDiscoveryRequest {
+            type_url: Secret::type_url(),
+            response_nonce: "1".into(),
+            ..Default::default()
+        };
+        assert!(stream.on_request(ack).await.unwrap().is_none());
+        assert!(
+            stream
+                .on_request(subscribe(&["localhost"]))
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        // Two names at most; unsubscribing frees a slot.
+        let second = stream
+            .on_request(subscribe(&["a.example.com", "b.example.com"]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            names(&second),
+            (vec!["a.example.com"], vec!["b.example.com"])
+        );
+        let unsubscribe = DeltaDiscoveryRequest {
+            type_url: Secret::type_url(),
+            resource_names_unsubscribe: vec!["a.example.com".into()],
+            ..Default::default()
+        };
+        assert!(stream.on_request(unsubscribe).await.unwrap().is_none());
+        let third = stream
+            .on_request(subscribe(&["b.example.com"]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(names(&third), (vec!["b.example.com"], vec![]));
+
+        // Nothing to rotate yet; after two thirds of the validity, every
+        // subscribed secret is re-minted and pushed with a new version.
+        assert!(stream.rotate().await.is_none());
+        let due = stream.next_rotation().unwrap();
+        tokio::time::advance(Duration::from_secs(16 * 3600 + 1)).await;
+        assert!(Instant::now() >= due);
+        let pushed = stream.rotate().await.unwrap();
+        let mut pushed_names = names(&pushed).0;
+        pushed_names.sort();
+        assert_eq!(pushed_names, ["b.example.com", "localhost"]);
+        let localhost = pushed
+            .resources
+            .iter()
+            .find(|r| r.name == "localhost")
+            .unwrap();
+        assert_ne!(localhost.version, version);
+        assert!(stream.rotate().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn reconnects_resubscribe_through_initial_versions() {
+        let certs = store(4);
+        let mut stream = DeltaStream {
+            certs: &certs,
+            subscribed: HashMap::new(),
+            nonce: 0,
+        };
+        let request = DeltaDiscoveryRequest {
+            type_url: Secret::type_url(),
+            initial_resource_versions: [("localhost".to_owned(), "7".to_owned())].into(),
+            ..Default::default()
+        };
+        let response = stream.on_request(request).await.unwrap().unwrap();
+        assert_eq!(names(&response).0, ["localhost"]);
+    }
+
+    #[tokio::test]
+    async fn other_resource_types_are_an_error() {
+        let certs = store(4);
+        let mut stream = DeltaStream {
+            certs: &certs,
+            subscribed: HashMap::new(),
+            nonce: 0,
+        };
+        let request = DeltaDiscoveryRequest {
+            type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+            ..Default::default()
+        };
+        let status = stream.on_request(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+}

@@ -154,11 +154,22 @@ pub async fn process_one(
     message: ProcessingRequest,
     metadata_audience: Option<&str>,
 ) -> Result<ProcessingResponse, tonic::Status> {
+    let metadata: Vec<(&str, &str)> = metadata_audience
+        .map(|aud| ("x-kubernetes-audience", aud))
+        .into_iter()
+        .collect();
+    process_with(client, message, &metadata).await
+}
+
+/// Sends one message on a new stream with the given gRPC metadata.
+pub async fn process_with(
+    client: &mut ExternalProcessorClient<Channel>,
+    message: ProcessingRequest,
+    metadata: &[(&'static str, &str)],
+) -> Result<ProcessingResponse, tonic::Status> {
     let mut request = tonic::Request::new(tokio_stream::iter(vec![message]));
-    if let Some(aud) = metadata_audience {
-        request
-            .metadata_mut()
-            .insert("x-kubernetes-audience", aud.parse().unwrap());
+    for (key, value) in metadata {
+        request.metadata_mut().insert(*key, value.parse().unwrap());
     }
     let mut responses = client.process(request).await?.into_inner();
     match responses.message().await? {
