@@ -22,6 +22,11 @@ async fn main() {
     let wait = std::env::args().any(|a| a == "--wait");
     let api = FakeApiServer::start(ApiServerOptions::default()).await;
     let upstream = Upstream::start(api.verifier()).await;
+    let tls_upstream = Upstream::start_tls(api.verifier(), &["localhost"]).await;
+    let files = tempfile::tempdir().unwrap();
+    let proxy_ca = files.path().join("ca.crt");
+    let upstream_ca = files.path().join("upstream-ca.crt");
+    tls_upstream.write_ca(&upstream_ca);
     let kubeconfig = support::Kubeconfig::of(&api);
     let processor = Processor::start(
         &kubeconfig.path,
@@ -34,12 +39,20 @@ async fn main() {
             "prometheus",
             "--allowed-audience",
             "https://*.example.com",
+            "--intercept-host",
+            "localhost",
+            "--ca-file-destination",
+            proxy_ca.to_str().unwrap(),
             "--log-level",
             "info",
         ],
     )
     .await;
-    let envoy = Envoy::start(&envoy::shipped_config()).await;
+    // The shipped config, except that intercepted upstreams are verified
+    // against the demo upstream's own test CA instead of the system store.
+    let mut config = envoy::shipped_config();
+    envoy::trust_upstream_ca(&mut config, &upstream_ca);
+    let envoy = Envoy::start(&config).await;
 
     println!("kube-audience-proxy demo");
     println!(
@@ -57,6 +70,15 @@ async fn main() {
     println!(
         "  envoy                  {} (envoy/envoy.yaml as shipped)",
         envoy.proxy_url()
+    );
+
+    println!(
+        "  TLS upstream           https://localhost:{} (same, over TLS; its CA is trusted by Envoy)",
+        tls_upstream.addr().port()
+    );
+    println!(
+        "  interception CA        {} (written by the processor, which intercepts localhost)",
+        proxy_ca.display()
     );
 
     let up = upstream.url();
@@ -82,6 +104,14 @@ async fn main() {
     for (url, extra) in &requests {
         show(&envoy, url, extra).await;
     }
+    println!("\n# HTTPS through CONNECT, TLS intercepted with a leaf minted by the processor:");
+    let ca_arg = proxy_ca.to_str().unwrap().to_owned();
+    let tls_url = format!(
+        "https://localhost:{}/secure?kubernetes-audience=prometheus",
+        tls_upstream.addr().port()
+    );
+    show(&envoy, &tls_url, &["--cacert".into(), ca_arg]).await;
+
     println!("\n# the API server fails (injected 500) for a new audience:");
     api.inject(Fault::Status(500), 1);
     show(

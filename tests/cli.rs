@@ -171,3 +171,77 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         "{logs}"
     );
 }
+
+#[tokio::test]
+async fn a_persisted_ca_survives_a_restart_and_its_key_is_never_logged() {
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let (key, cert, dest) = (path("ca.key"), path("ca.pem"), path("ca.crt"));
+    let args = [
+        "--intercept-host",
+        "localhost",
+        "--ca-key-file",
+        key.as_str(),
+        "--ca-cert-file",
+        cert.as_str(),
+        "--ca-file-destination",
+        dest.as_str(),
+        "--log-level",
+        "all",
+    ];
+    let first = Processor::start(&kubeconfig.path, &args).await;
+    let (status, logs_first) = first.terminate().await;
+    assert!(status.success());
+    let ca_first = std::fs::read_to_string(&dest).unwrap();
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(std::fs::read_to_string(&cert).unwrap(), ca_first);
+
+    let second = Processor::start(&kubeconfig.path, &args).await;
+    let (status, logs_second) = second.terminate().await;
+    assert!(status.success());
+    assert_eq!(
+        std::fs::read_to_string(&dest).unwrap(),
+        ca_first,
+        "same CA after a restart"
+    );
+    let key_body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    for logs in [&logs_first, &logs_second] {
+        assert!(!logs.contains("PRIVATE KEY"));
+        for line in key_pem.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!logs.contains(line), "a key line leaked into the log");
+        }
+    }
+    assert!(!key_body.is_empty());
+
+    // An unwritable destination stops the start with a clear message.
+    let (code, text) = run(
+        &[
+            "--service-account",
+            "app",
+            "--namespace",
+            "demo",
+            "--kubeconfig",
+            kubeconfig.path.to_str().unwrap(),
+            "--intercept-host",
+            "localhost",
+            "--ca-file-destination",
+            "/nonexistent-dir/ca.crt",
+        ],
+        &[],
+    );
+    assert_eq!(code, 64, "{text}");
+    assert!(
+        text.contains("cannot write /nonexistent-dir/ca.crt"),
+        "{text}"
+    );
+}

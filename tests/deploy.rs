@@ -63,6 +63,34 @@ fn containers_are_hardened_and_the_processor_matches_rbac() {
     assert!(args.contains(&"--service-account=client"));
     assert!(args.contains(&"--grpc-listen-address=127.0.0.1:18080"));
     assert!(proc["readinessProbe"]["httpGet"]["path"] == "/readyz");
+
+    // The CA key lives in a memory-backed volume that only the processor
+    // mounts; the client mounts the certificate volume read-only.
+    let volume = |name: &str| {
+        pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(volume("ca-key")["emptyDir"]["medium"], "Memory");
+    assert!(args.contains(&"--ca-key-file=/var/run/kube-audience-proxy-ca/ca.key"));
+    for c in pod["containers"].as_sequence().unwrap() {
+        let mounts = c["volumeMounts"].as_sequence().cloned().unwrap_or_default();
+        let has_key = mounts.iter().any(|m| m["name"] == "ca-key");
+        assert_eq!(
+            has_key,
+            c["name"] == "kube-audience-proxy",
+            "{:?}",
+            c["name"]
+        );
+        if c["name"] == "client" {
+            let ca = mounts.iter().find(|m| m["name"] == "ca").unwrap();
+            assert_eq!(ca["readOnly"], true);
+        }
+    }
 }
 
 #[test]
