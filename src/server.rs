@@ -167,6 +167,7 @@ pub async fn run<S: TokenSource>(
         stopped(stop_rx.clone()),
     ));
 
+    let sds_handle = sds.clone();
     let router = tonic::transport::Server::builder()
         .add_service(tonic_health::pb::health_server::HealthServer::new(health()))
         .add_service(processor.into_service())
@@ -194,6 +195,9 @@ pub async fn run<S: TokenSource>(
         .set_not_serving::<ExternalProcessorServer<ExtProc<S>>>()
         .await;
     tokio::time::sleep(shutdown_delay).await;
+    if let Some(sds) = sds_handle {
+        sds.close_streams();
+    }
     let _ = stop_tx.send(true);
 
     let result = match tokio::time::timeout(DRAIN_TIMEOUT, grpc).await {

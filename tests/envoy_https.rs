@@ -125,6 +125,22 @@ async fn intercepted_https_gets_the_token_over_http1_and_http2() {
 }
 
 #[tokio::test]
+async fn http10_connect_is_accepted() {
+    let s = Stack::start(&["localhost"], &["localhost"]).await;
+    let ca = s.proxy_ca();
+    let reply = curl::run(&[
+        "--proxy1.0",
+        &s.envoy.listener.to_string(),
+        "--cacert",
+        ca.to_str().unwrap(),
+        &s.url("localhost", "/old?kubernetes-audience=A"),
+    ])
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(aud(&s.only_received()), ["A"]);
+}
+
+#[tokio::test]
 async fn a_large_body_arrives_byte_identical() {
     let s = Stack::start(&["localhost"], &["localhost"]).await;
     let body: Vec<u8> = (0..10 * 1024 * 1024u32)

@@ -299,3 +299,21 @@ async fn state_of_the_world_and_fetch() {
         "a.example.com",
     );
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_streams() {
+    let s = setup(&[]).await;
+    let (tx, mut responses) = delta(&s).await;
+    tx.send(subscribe(&["localhost"])).await.unwrap();
+    next(&mut responses).await;
+    // SDS streams live as long as Envoy; shutting down must end them rather
+    // than wait for Envoy to go away.
+    let Setup { proc, .. } = s;
+    let stop = tokio::spawn(proc.stop());
+    let end = tokio::time::timeout(Duration::from_secs(5), responses.message())
+        .await
+        .expect("the stream ends before the drain timeout");
+    assert!(matches!(end, Ok(None)), "a clean end of stream: {end:?}");
+    stop.await.unwrap();
+    drop(tx);
+}

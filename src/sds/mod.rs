@@ -30,7 +30,7 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server
 };
 use futures_util::Stream;
 use prost::Name;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -42,6 +42,7 @@ use certs::Certificates;
 pub struct Sds {
     certs: Arc<Certificates>,
     nacks: Arc<AtomicU64>,
+    closing: Arc<watch::Sender<bool>>,
 }
 
 impl Sds {
@@ -50,7 +51,14 @@ impl Sds {
         Sds {
             certs,
             nacks: Arc::new(AtomicU64::new(0)),
+            closing: Arc::new(watch::Sender::new(false)),
         }
+    }
+
+    /// Ends every open stream (SDS streams live as long as Envoy does, so a
+    /// graceful shutdown would otherwise wait for them forever).
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
     }
 
     /// The tonic service.
@@ -205,6 +213,7 @@ impl<'a> DeltaStream<'a> {
 async fn serve_delta(
     certs: Arc<Certificates>,
     nacks: Arc<AtomicU64>,
+    mut closing: watch::Receiver<bool>,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 ) {
@@ -231,6 +240,7 @@ async fn serve_delta(
                 }
             },
             () = sleep_until(rotation) => stream.rotate().await.map(Ok),
+            () = closed(&mut closing) => return,
         };
         if let Some(response) = response {
             let end = response.is_err();
@@ -239,6 +249,11 @@ async fn serve_delta(
             }
         }
     }
+}
+
+/// Completes when the server starts closing streams (or the signal is gone).
+async fn closed(closing: &mut watch::Receiver<bool>) {
+    let _ = closing.wait_for(|closing| *closing).await.map(|_| ());
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -253,6 +268,7 @@ async fn sleep_until(at: Option<Instant>) {
 async fn serve_sotw(
     certs: Arc<Certificates>,
     nacks: Arc<AtomicU64>,
+    mut closing: watch::Receiver<bool>,
     mut inbound: Streaming<DiscoveryRequest>,
     out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) {
@@ -279,6 +295,7 @@ async fn serve_sotw(
                 Ok(None) | Err(_) => return,
             },
             () = sleep_until(rotation) => true,
+            () = closed(&mut closing) => return,
         };
         if !send {
             continue;
@@ -321,6 +338,7 @@ impl SecretDiscoveryService for Sds {
         tokio::spawn(serve_delta(
             self.certs.clone(),
             self.nacks.clone(),
+            self.closing.subscribe(),
             request.into_inner(),
             tx,
         ));
@@ -335,6 +353,7 @@ impl SecretDiscoveryService for Sds {
         tokio::spawn(serve_sotw(
             self.certs.clone(),
             self.nacks.clone(),
+            self.closing.subscribe(),
             request.into_inner(),
             tx,
         ));
