@@ -1,0 +1,133 @@
+//! The end-to-end benchmark stack, driven by `benches/e2e.py`: the
+//! TokenRequest stand-in (the test API server), a minimal upstream that
+//! answers `200 ok` (so that the upstream costs every variant the same), a
+//! kubeconfig, and the five Envoy configurations compared in BENCHMARKS.md,
+//! all derived from the shipped `envoy/envoy.yaml`:
+//!
+//! - `forward.yaml`: Envoy forwarding only (the ext_proc filter removed);
+//! - `native.yaml`: Envoy adding a static `authorization` header itself;
+//! - `processor_tcp.yaml` / `processor_uds.yaml`: the shipped config, the
+//!   processor over loopback TCP / a Unix socket;
+//! - `floor.yaml`: the shipped config pointed at `floor_server`.
+//!
+//! Usage: `bench_stack DIR PROXY_PORT ADMIN_PORT PROCESSOR_PORT UDS_PATH FLOOR_PORT`.
+//! Prints one JSON line, then runs until stdin closes.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::convert::Infallible;
+use std::path::Path;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use serde_yaml::Value;
+use support::apiserver::{ApiServerOptions, FakeApiServer};
+
+const STATIC_TOKEN_LEN: usize = 1050;
+
+fn with_ports(config: &mut Value, proxy: u16, admin: u16) {
+    config["admin"]["address"]["socket_address"]["port_value"] = admin.into();
+    config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] =
+        proxy.into();
+}
+
+fn outer_hcm(config: &mut Value) -> &mut Value {
+    &mut config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+}
+
+fn write(dir: &Path, name: &str, config: &Value) {
+    std::fs::write(dir.join(name), serde_yaml::to_string(config).unwrap()).unwrap();
+}
+
+async fn upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = service_fn(|_req: Request<hyper::body::Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = Path::new(&args[1]).to_owned();
+    let port = |i: usize| args[i].parse::<u16>().unwrap();
+    let (proxy, admin, processor, uds, floor) =
+        (port(2), port(3), port(4), args[5].clone(), port(6));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    api.write_kubeconfig(&dir.join("kubeconfig"));
+    let upstream = upstream().await;
+
+    let shipped = support::envoy::shipped_config();
+    let mut tcp = shipped.clone();
+    with_ports(&mut tcp, proxy, admin);
+    support::envoy::point_at_processor(&mut tcp, &format!("127.0.0.1:{processor}"));
+    // point_at_processor sets the proxy and admin ports to 0; put them back.
+    with_ports(&mut tcp, proxy, admin);
+    write(&dir, "processor_tcp.yaml", &tcp);
+
+    let mut unix = tcp.clone();
+    support::envoy::point_at_processor(&mut unix, &format!("unix:{uds}"));
+    with_ports(&mut unix, proxy, admin);
+    write(&dir, "processor_uds.yaml", &unix);
+
+    let mut floor_config = tcp.clone();
+    support::envoy::point_at_processor(&mut floor_config, &format!("127.0.0.1:{floor}"));
+    with_ports(&mut floor_config, proxy, admin);
+    write(&dir, "floor.yaml", &floor_config);
+
+    let mut forward = tcp.clone();
+    let filters = outer_hcm(&mut forward)["http_filters"]
+        .as_sequence_mut()
+        .unwrap();
+    filters.retain(|f| f["name"] != "envoy.filters.http.ext_proc");
+    write(&dir, "forward.yaml", &forward);
+
+    let mut native = forward.clone();
+    let token = format!("Bearer {}", "t".repeat(STATIC_TOKEN_LEN));
+    let routes = outer_hcm(&mut native)["route_config"]["virtual_hosts"][0]["routes"]
+        .as_sequence_mut()
+        .unwrap();
+    let catch_all = routes.last_mut().unwrap();
+    catch_all["request_headers_to_add"] = serde_yaml::from_str(&format!(
+        "[{{header: {{key: authorization, value: \"{token}\"}}, append_action: OVERWRITE_IF_EXISTS_OR_ADD}}]"
+    ))
+    .unwrap();
+    write(&dir, "native.yaml", &native);
+
+    // The test API server's caller credential, for timing TokenRequests
+    // directly (a fixture credential, kept out of the output anyway).
+    std::fs::write(dir.join("caller-token"), api.caller_token()).unwrap();
+    std::fs::write(dir.join("apiserver-ca.crt"), api.ca_pem()).unwrap();
+    println!(
+        "{{\"upstream\":\"{upstream}\",\"apiserver\":\"{}\"}}",
+        api.url()
+    );
+    // Run until the driver closes stdin.
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await;
+}
