@@ -118,7 +118,15 @@ fn hot_path(c: &mut Criterion) {
     group.bench_function("query audience: answer and encode it", |b| {
         b.to_async(&runtime).iter_batched(
             || by_query.clone(),
-            |m| async { processor.handle(m, &context).await.unwrap().encode_to_vec() },
+            |m| async {
+                let mut buf = Vec::with_capacity(2048);
+                processor
+                    .handle(m, &context)
+                    .await
+                    .unwrap()
+                    .encode(&mut buf);
+                buf
+            },
             BatchSize::SmallInput,
         )
     });

@@ -8,7 +8,7 @@
 //! [`Token::bearer_header_value`].
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
@@ -21,11 +21,21 @@ pub struct Token {
     inner: Arc<Inner>,
 }
 
-#[derive(PartialEq, Eq)]
 struct Inner {
     /// `Bearer <token>`, the exact bytes written into the header mutation.
     bearer: Bytes,
+    /// A wire encoding derived from `bearer` once, shared by every request
+    /// that uses this token (see `ext_proc::wire`).
+    encoded: OnceLock<Bytes>,
 }
+
+impl PartialEq for Inner {
+    fn eq(&self, other: &Self) -> bool {
+        self.bearer == other.bearer
+    }
+}
+
+impl Eq for Inner {}
 
 const BEARER_PREFIX: &str = "Bearer ";
 
@@ -44,6 +54,7 @@ impl Token {
         Some(Token {
             inner: Arc::new(Inner {
                 bearer: Bytes::from(bearer),
+                encoded: OnceLock::new(),
             }),
         })
     }
@@ -58,6 +69,15 @@ impl Token {
     /// `Bearer <token>`, shared (no copy of the token per call).
     pub fn bearer_header_value(&self) -> &Bytes {
         &self.inner.bearer
+    }
+
+    /// An encoding of the bearer header value built by `encode` on first
+    /// use and then shared for the token's lifetime. Only `ext_proc::wire`
+    /// uses it; it is as secret as the token.
+    pub fn encoded_with(&self, encode: impl FnOnce(&Bytes) -> Bytes) -> &Bytes {
+        self.inner
+            .encoded
+            .get_or_init(|| encode(&self.inner.bearer))
     }
 }
 

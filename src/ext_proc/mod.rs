@@ -8,19 +8,15 @@
 //! without a phase ends the stream with `INVALID_ARGUMENT`.
 
 pub mod response;
+pub mod wire;
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
-    ExternalProcessor, ExternalProcessorServer,
-};
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
-use envoy_types::pb::envoy::service::ext_proc::v3::{
-    HttpHeaders, ProcessingRequest, ProcessingResponse,
-};
+use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRequest};
 use futures_util::Stream;
 use tonic::{Status, Streaming};
 
@@ -28,6 +24,7 @@ use crate::audience::{self, RequestParts, Rules};
 use crate::intercept::{Host, InterceptHosts};
 use crate::tokens::TokenSource;
 use crate::tokens::cache::TokenCache;
+use wire::{Answer, ExtProcServer, Injection};
 
 /// What to do when no token can be had for a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -54,7 +51,8 @@ impl<S> Clone for ExtProc<S> {
 struct Inner<S> {
     rules: Rules,
     tokens: TokenCache<S>,
-    token_header: String,
+    token_header: Arc<str>,
+    audience_header: Arc<str>,
     on_token_error: OnTokenError,
     intercept: InterceptHosts,
 }
@@ -96,9 +94,10 @@ impl<S: TokenSource> ExtProc<S> {
     ) -> ExtProc<S> {
         ExtProc {
             inner: Arc::new(Inner {
+                audience_header: Arc::from(rules.header.as_str()),
                 rules,
                 tokens,
-                token_header: "authorization".to_owned(),
+                token_header: Arc::from("authorization"),
                 on_token_error,
                 intercept,
             }),
@@ -106,8 +105,8 @@ impl<S: TokenSource> ExtProc<S> {
     }
 
     /// The tonic service to add to a server.
-    pub fn into_service(self) -> ExternalProcessorServer<ExtProc<S>> {
-        ExternalProcessorServer::new(self)
+    pub fn into_service(self) -> ExtProcServer<S> {
+        ExtProcServer::new(self)
     }
 
     /// Answers one message of a stream. `Err` ends the stream.
@@ -115,7 +114,7 @@ impl<S: TokenSource> ExtProc<S> {
         &self,
         message: ProcessingRequest,
         context: &StreamContext,
-    ) -> Result<ProcessingResponse, Status> {
+    ) -> Result<Answer, Status> {
         match message.request {
             Some(Phase::RequestHeaders(headers)) => {
                 let sni = context
@@ -125,11 +124,11 @@ impl<S: TokenSource> ExtProc<S> {
                     .request_headers(&headers, context.audience.as_deref(), sni)
                     .await)
             }
-            Some(Phase::ResponseHeaders(_)) => Ok(response::response_headers()),
-            Some(Phase::RequestBody(_)) => Ok(response::request_body()),
-            Some(Phase::ResponseBody(_)) => Ok(response::response_body()),
-            Some(Phase::RequestTrailers(_)) => Ok(response::request_trailers()),
-            Some(Phase::ResponseTrailers(_)) => Ok(response::response_trailers()),
+            Some(Phase::ResponseHeaders(_)) => Ok(response::response_headers().into()),
+            Some(Phase::RequestBody(_)) => Ok(response::request_body().into()),
+            Some(Phase::ResponseBody(_)) => Ok(response::response_body().into()),
+            Some(Phase::RequestTrailers(_)) => Ok(response::request_trailers().into()),
+            Some(Phase::ResponseTrailers(_)) => Ok(response::response_trailers().into()),
             None => Err(Status::invalid_argument(
                 "ProcessingRequest carries no request phase (request_headers, request_body, ...)",
             )),
@@ -143,7 +142,7 @@ impl<S: TokenSource> ExtProc<S> {
         headers: &HttpHeaders,
         metadata: Option<&[u8]>,
         sni: Option<String>,
-    ) -> ProcessingResponse {
+    ) -> Answer {
         let inner = &*self.inner;
         let mut path: Option<&[u8]> = None;
         let mut method: &[u8] = b"";
@@ -168,13 +167,13 @@ impl<S: TokenSource> ExtProc<S> {
             }
         }
         if method == b"CONNECT" {
-            return self.connect(authority, marked);
+            return self.connect(authority, marked).into();
         }
         if let Some(sni) = sni
             && let Err(reason) = authority_matches_sni(authority, &sni)
         {
             tracing::info!(%reason, "refused a request whose host differs from its TLS server name (421)");
-            return response::misdirected(&reason);
+            return response::misdirected(&reason).into();
         }
         let parts = RequestParts {
             header_values: &audience_values[..audience_count],
@@ -185,37 +184,36 @@ impl<S: TokenSource> ExtProc<S> {
             Ok(resolution) => resolution,
             Err(rejection) => {
                 tracing::info!(%rejection, "refused a request");
-                return response::refuse(&rejection);
+                return response::refuse(&rejection).into();
             }
         };
-        let remove = resolution
-            .remove_header
-            .then_some(inner.rules.header.as_str());
+        let remove = resolution.remove_header.then_some(&inner.audience_header);
         let Some((audience, source)) = resolution.audience else {
             tracing::debug!("no audience: passing the request through");
-            return response::request_headers(response::Mutation::default());
+            return response::request_headers(response::Mutation::default()).into();
         };
         match inner.tokens.get(&audience).await {
             Ok(token) => {
                 tracing::debug!(%audience, source = source.as_str(), "injecting a token");
-                response::request_headers(response::Mutation {
-                    token: Some((&inner.token_header, &token)),
-                    remove,
+                Answer::Inject(Injection {
+                    header: inner.token_header.clone(),
+                    token,
                     path: resolution.new_path,
+                    remove: remove.cloned(),
                 })
             }
             Err(error) => match inner.on_token_error {
                 OnTokenError::Deny => {
                     tracing::warn!(%audience, %error, "no token: refusing the request (503)");
-                    response::token_unavailable(audience.as_str(), &error)
+                    response::token_unavailable(audience.as_str(), &error).into()
                 }
                 OnTokenError::Allow => {
                     tracing::warn!(%audience, %error, "no token: forwarding without one (--on-token-error allow)");
                     response::request_headers(response::Mutation {
-                        token: None,
-                        remove,
+                        remove: remove.map(|r| &**r),
                         path: resolution.new_path,
                     })
+                    .into()
                 }
             },
         }
@@ -226,7 +224,11 @@ impl<S: TokenSource> ExtProc<S> {
     /// A CONNECT: mark intercepted hosts so Envoy re-routes the tunnel to the
     /// TLS-terminating listener; strip a client-sent marker. No token is
     /// ever added to a CONNECT.
-    fn connect(&self, authority: &[u8], marked: bool) -> ProcessingResponse {
+    fn connect(
+        &self,
+        authority: &[u8],
+        marked: bool,
+    ) -> envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse {
         let host = std::str::from_utf8(authority)
             .ok()
             .and_then(Host::from_authority)
@@ -294,16 +296,16 @@ fn header_bytes(header: &HeaderValue) -> &[u8] {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+/// The answers of one Process stream.
+pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<Answer, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl<S: TokenSource> ExternalProcessor for ExtProc<S> {
-    type ProcessStream = ResponseStream;
-
-    async fn process(
+impl<S: TokenSource> ExtProc<S> {
+    /// Serves one Process stream (one HTTP request): answers each message in
+    /// order until Envoy closes its side.
+    pub fn process_stream(
         &self,
         request: tonic::Request<Streaming<ProcessingRequest>>,
-    ) -> Result<tonic::Response<Self::ProcessStream>, Status> {
+    ) -> tonic::Response<AnswerStream> {
         let context = StreamContext {
             audience: request
                 .metadata()
@@ -340,6 +342,6 @@ impl<S: TokenSource> ExternalProcessor for ExtProc<S> {
                 };
             }
         });
-        Ok(tonic::Response::new(Box::pin(stream)))
+        tonic::Response::new(Box::pin(stream))
     }
 }

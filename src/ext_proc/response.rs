@@ -16,14 +16,12 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 
 use crate::audience::Rejection;
-use crate::secret::Token;
 use crate::tokens;
 
-/// What to change in the request headers.
+/// What to change in the request headers when no token is added (the
+/// token-carrying answer is `wire::Injection`).
 #[derive(Debug, Default)]
 pub struct Mutation<'a> {
-    /// Header to set to `Bearer <token>` (overwriting any value it has).
-    pub token: Option<(&'a str, &'a Token)>,
     /// Header to remove (the audience header).
     pub remove: Option<&'a str>,
     /// New `:path` (without the audience parameter).
@@ -33,9 +31,6 @@ pub struct Mutation<'a> {
 /// A `request_headers` answer: CONTINUE, with the mutation if there is one.
 pub fn request_headers(mutation: Mutation<'_>) -> ProcessingResponse {
     let mut set_headers = Vec::new();
-    if let Some((name, token)) = mutation.token {
-        set_headers.push(overwrite(name, token.bearer_header_value().to_vec()));
-    }
     if let Some(path) = mutation.path {
         set_headers.push(overwrite(":path", path));
     }
@@ -224,9 +219,7 @@ mod tests {
 
     #[test]
     fn mutations_use_raw_value_and_overwrite() {
-        let token = Token::new("abc".into()).unwrap();
         let resp = request_headers(Mutation {
-            token: Some(("authorization", &token)),
             remove: Some("x-kubernetes-audience"),
             path: Some(b"/p?x=1".to_vec()),
         });
@@ -248,10 +241,7 @@ mod tests {
                 (h.key.as_str(), h.raw_value.as_slice())
             })
             .collect();
-        assert_eq!(
-            set,
-            [("authorization", &b"Bearer abc"[..]), (":path", b"/p?x=1")]
-        );
+        assert_eq!(set, [(":path", &b"/p?x=1"[..])]);
     }
 
     #[test]
