@@ -97,6 +97,28 @@ async fn main() {
     with_ports(&mut floor_config, proxy, admin);
     write(&dir, "floor.yaml", &floor_config);
 
+    // Experiments (not in the main table; see benches/NOTES.md).
+    let mut google = tcp.clone();
+    let ext_proc = &mut outer_hcm(&mut google)["http_filters"][0]["typed_config"];
+    ext_proc["grpc_service"] = serde_yaml::from_str(&format!(
+        "{{google_grpc: {{target_uri: \"127.0.0.1:{processor}\", stat_prefix: kap}}}}"
+    ))
+    .unwrap();
+    write(&dir, "processor_google_grpc.yaml", &google);
+
+    let mut pooled = tcp.clone();
+    let clusters = pooled["static_resources"]["clusters"]
+        .as_sequence_mut()
+        .unwrap();
+    let cluster = clusters
+        .iter_mut()
+        .find(|c| c["name"] == "kube_audience_proxy")
+        .unwrap();
+    cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        ["explicit_http_config"]["http2_protocol_options"] =
+        serde_yaml::from_str("{max_concurrent_streams: 8}").unwrap();
+    write(&dir, "processor_pooled.yaml", &pooled);
+
     let mut forward = tcp.clone();
     let filters = outer_hcm(&mut forward)["http_filters"]
         .as_sequence_mut()

@@ -35,8 +35,17 @@ VARIANTS = [
     ("c", "processor_tcp", "Envoy + kube-audience-proxy (loopback TCP)"),
     ("d", "processor_uds", "Envoy + kube-audience-proxy (Unix socket)"),
     ("e", "floor", "Envoy + minimal ext_proc server (protocol floor)"),
+    # Experiments, run only when named in BENCH_VARIANTS.
+    ("f", "processor_google_grpc", "(c) with Envoy's google_grpc client"),
+    ("g", "processor_pooled", "(c) with at most 8 streams per connection to the processor"),
 ]
+SELECTED = os.environ.get("BENCH_VARIANTS", "a,b,c,d,e").split(",")
+PARTS = os.environ.get("BENCH_PARTS", "e2e,only,cold,memory").split(",")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Done(Exception):
+    """Raised to skip the remaining parts."""
 
 
 def log(*args):
@@ -166,7 +175,7 @@ def main():
         upstream = info["upstream"]
         common = [str(REL / "kube-audience-proxy"), "--kubeconfig", str(work / "kubeconfig"),
                   "--service-account", "app", "--namespace", "demo", "--log-level", "warn",
-                  "--shutdown-delay", "0s"]
+                  "--shutdown-delay", "0s"] + os.environ.get("BENCH_PROCESSOR_ARGS", "").split()
         proc_tcp = subprocess.Popen(common + ["--grpc-listen-address", f"127.0.0.1:{PROC_TCP}",
                                               "--admin-listen-address", f"127.0.0.1:{PROC_ADMIN}"])
         procs.append(proc_tcp)
@@ -182,13 +191,16 @@ def main():
         wait_port(FLOOR)
         wait_path(uds)
         wait_path(floor_uds)
-        servers = {"processor_tcp": proc_tcp, "processor_uds": proc_uds, "floor": floor}
+        servers = {"processor_tcp": proc_tcp, "processor_uds": proc_uds, "floor": floor,
+                   "processor_google_grpc": proc_tcp, "processor_pooled": proc_tcp}
 
         # 1. End to end through Envoy, interleaved.
         path = "/metrics?kubernetes-audience=bench"
         runs = []
-        for repeat in range(REPEATS):
+        for repeat in range(REPEATS if "e2e" in PARTS else 0):
             for letter, name, _ in VARIANTS:
+                if letter not in SELECTED:
+                    continue
                 envoy = start_envoy(work / f"{name}.yaml")
                 try:
                     wrk(8, 1, upstream, path)  # warm up: connections, token cache, DNS cache
@@ -211,7 +223,7 @@ def main():
         load(f"127.0.0.1:{PROC_TCP}", 8, 1)
         load(f"unix:{uds}", 8, 1)
         only = []
-        for repeat in range(REPEATS):
+        for repeat in range(REPEATS if "only" in PARTS else 0):
             for name, target in [("processor_tcp", f"127.0.0.1:{PROC_TCP}"), ("processor_uds", f"unix:{uds}"),
                                  ("floor_tcp", f"127.0.0.1:{FLOOR}"), ("floor_uds", f"unix:{floor_uds}")]:
                 for concurrency in CONCURRENCIES:
@@ -228,6 +240,8 @@ def main():
         results["processor_only"] = only
 
         # 3. Cold path: a new audience through Envoy vs the TokenRequest alone.
+        if "cold" not in PARTS:
+            raise Done
         envoy = start_envoy(work / "processor_tcp.yaml")
         try:
             cold, warm, direct_total, direct_server = [], [], [], []
@@ -252,6 +266,8 @@ def main():
             stop(envoy)
 
         # 4. Memory: 1,000 cached audiences, then a bounded soak.
+        if "memory" not in PARTS:
+            raise Done
         load(f"127.0.0.1:{PROC_TCP}", 8, None, ["--audiences", "1000", "--requests", "1000"])
         results["rss_1000_audiences_kib"] = rss_kib(proc_tcp.pid)
         soak = subprocess.Popen([str(REL / "examples" / "load"), "--target", f"127.0.0.1:{PROC_TCP}",
@@ -263,13 +279,15 @@ def main():
         results["soak"] = json.loads(soak_out.strip().splitlines()[-1])
         log("memory", results["rss_idle_kib"], results["rss_1000_audiences_kib"],
             results["rss_soak_half_kib"], results["rss_soak_end_kib"])
+    except Done:
+        pass
     finally:
         for p in reversed(procs):
             if p.poll() is None:
                 if p.stdin:
                     p.stdin.close()
                 stop(p)
-    out = ROOT / "benches" / "results" / "e2e.json"
+    out = pathlib.Path(os.environ.get("BENCH_OUT", ROOT / "benches" / "results" / "e2e.json"))
     out.write_text(json.dumps(results, indent=1) + "\n")
     log("wrote", out)
 

@@ -259,6 +259,18 @@ pub struct Cli {
     )]
     pub max_certificates: u64,
 
+    /// Worker threads of the async runtime. One processor serves one Envoy
+    /// over one HTTP/2 connection; a single thread avoids cross-thread
+    /// wake-ups and bounds the sidecar's CPU (see BENCHMARKS.md).
+    #[arg(
+        long,
+        env = "KUBE_AUDIENCE_PROXY_WORKER_THREADS",
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=256)
+    )]
+    pub worker_threads: u16,
+
     /// Log level: all, debug, info, warn, error or none.
     #[arg(
         long,
@@ -359,6 +371,8 @@ pub struct Config {
     pub certificate_validity: Duration,
     /// Bound on leaf certificates.
     pub max_certificates: usize,
+    /// Runtime worker threads.
+    pub worker_threads: usize,
     /// Log level.
     pub log_level: LogLevel,
     /// Log format.
@@ -553,6 +567,7 @@ impl TryFrom<Cli> for Config {
             ca,
             certificate_validity: cli.certificate_validity,
             max_certificates: usize::try_from(cli.max_certificates).unwrap_or(usize::MAX),
+            worker_threads: usize::from(cli.worker_threads),
             log_level: cli.log_level,
             log_format: cli.log_format,
         })

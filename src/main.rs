@@ -15,8 +15,7 @@ const EXIT_CONFIG: u8 = 64;
 /// The server could not start or failed.
 const EXIT_FAILURE: u8 = 1;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = match Config::try_from(Cli::parse()) {
         Ok(config) => config,
         Err(error) => {
@@ -24,6 +23,21 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("kube-audience-proxy: cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
     if let Err(error) = telemetry::init(config.log_level, config.log_format) {
         eprintln!("kube-audience-proxy: cannot set up logging: {error}");
         return ExitCode::from(EXIT_FAILURE);
@@ -49,6 +63,8 @@ async fn main() -> ExitCode {
             "interception CA certificate written"
         );
     }
+    // Before anything is announced: a SIGTERM from now on drains cleanly.
+    let shutdown = shutdown::signal();
     let listeners = match server::Listeners::bind(&config.grpc_listen, config.admin_listen).await {
         Ok(listeners) => listeners,
         Err(error) => {
@@ -69,7 +85,7 @@ async fn main() -> ExitCode {
         sds,
         listeners,
         config.shutdown_delay,
-        shutdown::signal(),
+        shutdown,
     )
     .await
     {

@@ -1,34 +1,37 @@
 //! The process-wide shutdown signal: a future that completes on SIGTERM (what
 //! Kubernetes sends) or SIGINT (Ctrl-C).
 
-/// Completes when SIGTERM or SIGINT arrives. If a handler cannot be
-/// installed, that signal is logged and ignored; the other still works.
-pub async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+use std::future::Future;
+
+use tokio::signal::unix::{Signal, SignalKind, signal as listen};
+
+/// Installs the SIGTERM and SIGINT handlers now (so a signal that arrives
+/// before the future is first polled is not lost to the default action) and
+/// returns a future that completes when either arrives. Must be called
+/// inside the runtime. A handler that cannot be installed is logged; the
+/// other signal still works.
+pub fn signal() -> impl Future<Output = ()> {
+    let term = install(SignalKind::terminate(), "SIGTERM");
+    let int = install(SignalKind::interrupt(), "SIGINT");
+    async move {
+        tokio::select! {
+            () = wait(term) => tracing::info!("SIGTERM received"),
+            () = wait(int) => tracing::info!("SIGINT received"),
         }
-    };
-    let int = async {
-        match signal(SignalKind::interrupt()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGINT");
-                std::future::pending::<()>().await;
-            }
+    }
+}
+
+fn install(kind: SignalKind, name: &str) -> Option<Signal> {
+    listen(kind)
+        .inspect_err(|error| tracing::error!(%error, "cannot listen for {name}"))
+        .ok()
+}
+
+async fn wait(signal: Option<Signal>) {
+    match signal {
+        Some(mut signal) => {
+            signal.recv().await;
         }
-    };
-    tokio::select! {
-        () = term => tracing::info!("SIGTERM received"),
-        () = int => tracing::info!("SIGINT received"),
+        None => std::future::pending().await,
     }
 }
