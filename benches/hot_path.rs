@@ -4,12 +4,13 @@
 //!
 //! `cargo bench --bench hot_path`; results are summarised in BENCHMARKS.md.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, SystemTime};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
-use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
-use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRequest};
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use kube_audience_proxy::audience::{Allowlist, Audience, Rules};
 use kube_audience_proxy::ext_proc::{ExtProc, OnTokenError, StreamContext};
 use kube_audience_proxy::intercept::InterceptHosts;
@@ -48,23 +49,7 @@ fn request(path: &str, extra: &[(&str, &str)]) -> ProcessingRequest {
         ("x-request-id", "0b0f8e4e-7a53-4a86-9d5b-2b9a6a7a3c11"),
     ];
     headers.extend_from_slice(extra);
-    ProcessingRequest {
-        request: Some(Phase::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: headers
-                    .into_iter()
-                    .map(|(k, v)| HeaderValue {
-                        key: k.into(),
-                        value: String::new(),
-                        raw_value: v.as_bytes().to_vec(),
-                    })
-                    .collect(),
-            }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    support::inproc::request_headers(&headers)
 }
 
 fn hot_path(c: &mut Criterion) {

@@ -7,17 +7,18 @@
 //!  [--audiences N]` (N > 1 spreads requests over N audiences, to fill the
 //! cache; `--requests M` stops after M streams instead).
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
-use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRequest};
 use tonic::transport::{Channel, Endpoint};
 
 fn request(audience: &str) -> ProcessingRequest {
     let path = format!("/metrics?kubernetes-audience={audience}");
-    let headers = [
+    support::inproc::request_headers(&[
         (":authority", "127.0.0.1:9100"),
         (":path", path.as_str()),
         (":method", "GET"),
@@ -26,24 +27,7 @@ fn request(audience: &str) -> ProcessingRequest {
         ("accept", "*/*"),
         ("x-forwarded-proto", "http"),
         ("x-request-id", "0b0f8e4e-7a53-4a86-9d5b-2b9a6a7a3c11"),
-    ];
-    ProcessingRequest {
-        request: Some(Phase::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: headers
-                    .iter()
-                    .map(|(k, v)| HeaderValue {
-                        key: (*k).into(),
-                        value: String::new(),
-                        raw_value: v.as_bytes().to_vec(),
-                    })
-                    .collect(),
-            }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    ])
 }
 
 async fn channel(target: &str) -> Channel {

@@ -57,7 +57,9 @@ pub fn request_headers(mutation: Mutation<'_>) -> ProcessingResponse {
     }
 }
 
-fn overwrite(key: &str, raw_value: Vec<u8>) -> HeaderValueOption {
+/// A header set to `raw_value`, replacing any value it had. Envoy reads only
+/// `raw_value` (a mutation with `value` sets the header empty).
+pub fn overwrite(key: &str, raw_value: Vec<u8>) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.to_owned(),

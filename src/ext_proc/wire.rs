@@ -16,8 +16,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes};
-use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
-use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest, ProcessingResponse,
     processing_response::Response,
@@ -29,6 +27,7 @@ use tonic::codegen::{BoxFuture, Service, StdError, http};
 use tonic::{Status, Streaming};
 
 use super::ExtProc;
+use super::response::overwrite;
 use crate::secret::Token;
 use crate::tokens::TokenSource;
 
@@ -64,18 +63,6 @@ pub struct Injection {
 impl From<ProcessingResponse> for Answer {
     fn from(message: ProcessingResponse) -> Answer {
         Answer::Message(message)
-    }
-}
-
-fn overwrite(key: &str, raw_value: Vec<u8>) -> HeaderValueOption {
-    HeaderValueOption {
-        header: Some(HeaderValue {
-            key: key.to_owned(),
-            value: String::new(),
-            raw_value,
-        }),
-        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-        ..Default::default()
     }
 }
 
