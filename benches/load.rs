@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use tonic::transport::{Channel, Endpoint};
 
 fn request(audience: &str) -> ProcessingRequest {
     let path = format!("/metrics?kubernetes-audience={audience}");
@@ -28,29 +27,6 @@ fn request(audience: &str) -> ProcessingRequest {
         ("x-forwarded-proto", "http"),
         ("x-request-id", "0b0f8e4e-7a53-4a86-9d5b-2b9a6a7a3c11"),
     ])
-}
-
-async fn channel(target: &str) -> Channel {
-    if let Some(path) = target.strip_prefix("unix:") {
-        let path = path.to_owned();
-        Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }))
-            .await
-            .unwrap()
-    } else {
-        Endpoint::from_shared(format!("http://{target}"))
-            .unwrap()
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .unwrap()
-    }
 }
 
 fn arg(name: &str, default: &str) -> String {
@@ -68,7 +44,7 @@ async fn main() {
     let seconds: f64 = arg("--seconds", "10").parse().unwrap();
     let audiences: usize = arg("--audiences", "1").parse().unwrap();
     let max_requests: usize = arg("--requests", "0").parse().unwrap();
-    let client = ExternalProcessorClient::new(channel(&target).await);
+    let client = ExternalProcessorClient::new(support::inproc::connect(&target).await);
     let messages: Vec<ProcessingRequest> = (0..audiences)
         .map(|i| {
             request(&if audiences == 1 {

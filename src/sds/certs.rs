@@ -280,20 +280,22 @@ fn inline(bytes: Vec<u8>) -> DataSource {
     }
 }
 
+/// A store for `localhost`, `*.example.com` and `127.0.0.1` with a fresh
+/// CA (30 days) and one-day leaves, holding at most `max` names.
+#[cfg(test)]
+pub(crate) fn test_store(max: usize) -> Certificates {
+    let hosts = InterceptHosts::new(["localhost", "*.example.com", "127.0.0.1"]).unwrap();
+    let ca =
+        CertificateAuthority::generate(&hosts, Duration::from_secs(86_400 * 30), SystemTime::now())
+            .unwrap();
+    Certificates::new(ca, hosts, Duration::from_secs(86_400), max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn store(max: usize) -> Certificates {
-        let hosts = InterceptHosts::new(["localhost", "*.example.com", "127.0.0.1"]).unwrap();
-        let ca = CertificateAuthority::generate(
-            &hosts,
-            Duration::from_secs(86_400 * 30),
-            SystemTime::now(),
-        )
-        .unwrap();
-        Certificates::new(ca, hosts, Duration::from_secs(86_400), max)
-    }
+    use super::test_store as store;
 
     #[tokio::test]
     async fn mints_only_intercepted_names_and_caches_them() {

@@ -66,6 +66,23 @@ impl Sds {
         SecretDiscoveryServiceServer::new(self)
     }
 
+    /// Runs one stream's loop in its own task; its answers are the response.
+    fn spawn<T, F, Fut>(&self, serve: F) -> Response<BoxStream<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(StreamEnv, mpsc::Sender<Result<T, Status>>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(4);
+        let env = StreamEnv {
+            certs: self.certs.clone(),
+            nacks: self.nacks.clone(),
+            closing: self.closing.subscribe(),
+        };
+        tokio::spawn(serve(env, tx));
+        Response::new(Box::pin(ReceiverStream::new(rx)))
+    }
+
     /// NACKs received so far.
     pub fn nacks(&self) -> u64 {
         self.nacks.load(Ordering::Relaxed)
@@ -75,6 +92,13 @@ impl Sds {
     pub fn certificates(&self) -> &Arc<Certificates> {
         &self.certs
     }
+}
+
+/// What every stream loop shares with the service.
+struct StreamEnv {
+    certs: Arc<Certificates>,
+    nacks: Arc<AtomicU64>,
+    closing: watch::Receiver<bool>,
 }
 
 fn check_type(type_url: &str) -> Result<(), Status> {
@@ -211,9 +235,11 @@ impl<'a> DeltaStream<'a> {
 }
 
 async fn serve_delta(
-    certs: Arc<Certificates>,
-    nacks: Arc<AtomicU64>,
-    mut closing: watch::Receiver<bool>,
+    StreamEnv {
+        certs,
+        nacks,
+        mut closing,
+    }: StreamEnv,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 ) {
@@ -266,9 +292,11 @@ async fn sleep_until(at: Option<Instant>) {
 // === impl state of the world ===
 
 async fn serve_sotw(
-    certs: Arc<Certificates>,
-    nacks: Arc<AtomicU64>,
-    mut closing: watch::Receiver<bool>,
+    StreamEnv {
+        certs,
+        nacks,
+        mut closing,
+    }: StreamEnv,
     mut inbound: Streaming<DiscoveryRequest>,
     out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) {
@@ -334,30 +362,16 @@ impl SecretDiscoveryService for Sds {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(serve_delta(
-            self.certs.clone(),
-            self.nacks.clone(),
-            self.closing.subscribe(),
-            request.into_inner(),
-            tx,
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let inbound = request.into_inner();
+        Ok(self.spawn(|env, out| serve_delta(env, inbound, out)))
     }
 
     async fn stream_secrets(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(serve_sotw(
-            self.certs.clone(),
-            self.nacks.clone(),
-            self.closing.subscribe(),
-            request.into_inner(),
-            tx,
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let inbound = request.into_inner();
+        Ok(self.spawn(|env, out| serve_sotw(env, inbound, out)))
     }
 
     async fn fetch_secrets(
@@ -386,22 +400,11 @@ impl SecretDiscoveryService for Sds {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use super::*;
-    use crate::ca::CertificateAuthority;
-    use crate::intercept::InterceptHosts;
 
-    fn store(max: usize) -> Certificates {
-        let hosts = InterceptHosts::new(["localhost", "*.example.com"]).unwrap();
-        let ca = CertificateAuthority::generate(
-            &hosts,
-            Duration::from_secs(86_400 * 30),
-            SystemTime::now(),
-        )
-        .unwrap();
-        Certificates::new(ca, hosts, Duration::from_secs(86_400), max)
-    }
+    use super::certs::test_store as store;
 
     fn subscribe(names: &[&str]) -> DeltaDiscoveryRequest {
         DeltaDiscoveryRequest {

@@ -27,6 +27,30 @@ pub struct InProcess {
     task: Option<JoinHandle<Result<(), ServeError>>>,
 }
 
+/// A tonic channel (TCP_NODELAY) to `target`: `IP:PORT` or `unix:PATH`.
+pub async fn connect(target: &str) -> Channel {
+    if let Some(path) = target.strip_prefix("unix:") {
+        let path = path.to_owned();
+        tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            }))
+            .await
+            .unwrap()
+    } else {
+        tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+            .unwrap()
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
 /// Parses the processor's command line as the binary would, with the
 /// defaults the tests share (ServiceAccount `app` in `demo`, ephemeral ports,
 /// no drain delay); `extra` flags come last and win.
@@ -74,25 +98,7 @@ impl InProcess {
 
     /// A tonic channel to the gRPC listener (TCP or Unix socket).
     pub async fn channel(&self) -> Channel {
-        if let Some(path) = self.grpc.strip_prefix("unix:") {
-            let path = path.to_owned();
-            tonic::transport::Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_| {
-                    let path = path.clone();
-                    async move {
-                        let stream = tokio::net::UnixStream::connect(path).await?;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                    }
-                }))
-                .await
-                .unwrap()
-        } else {
-            Channel::from_shared(format!("http://{}", self.grpc))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap()
-        }
+        connect(&self.grpc).await
     }
 
     /// An ext_proc client.
