@@ -1,8 +1,9 @@
 //! The local demo stack: the TokenRequest stand-in (the test API server),
-//! a demo upstream that verifies the JWT it gets, the real processor binary,
-//! and the real Envoy running `envoy/envoy.yaml` exactly as shipped (proxy
-//! on 127.0.0.1:8080, processor on 127.0.0.1:18080). It sends a few requests
-//! through the proxy with curl and prints what the upstream received.
+//! demo upstreams (HTTP and HTTPS) that verify the JWT they get, the real
+//! processor binary, and the real Envoy running `envoy/envoy.yaml` as shipped
+//! (proxy on 127.0.0.1:8080, processor on 127.0.0.1:18080; only the trusted
+//! upstream CA is changed, to the HTTPS upstream's test CA). It sends a few
+//! requests through the proxy with curl and prints what the upstream received.
 //!
 //! Run it with `scripts/demo` (builds, installs Envoy into .venv if needed).
 //! `--wait` keeps the stack up afterwards so you can try curl yourself.
