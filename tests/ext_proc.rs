@@ -648,3 +648,24 @@ async fn requests_inside_intercepted_tls_must_match_the_sni() {
         .unwrap();
     assert_token_for(&s.api, &resp, "A");
 }
+
+#[tokio::test]
+async fn many_repeated_audience_headers_are_checked_to_the_last() {
+    let s = setup(&[]).await;
+    let mut client = s.proc.client().await;
+    let mut same = vec![(":path", "/")];
+    same.extend(std::iter::repeat_n(("x-kubernetes-audience", "A"), 20));
+    let resp = process_one(&mut client, request_headers(&same), None)
+        .await
+        .unwrap();
+    assert_token_for(&s.api, &resp, "A");
+    let mut differing = same.clone();
+    differing.push(("x-kubernetes-audience", "B"));
+    differing.extend(std::iter::repeat_n(("x-kubernetes-audience", "A"), 3));
+    let resp = process_one(&mut client, request_headers(&differing), None)
+        .await
+        .unwrap();
+    let (code, body) = status_and_body(&resp);
+    assert_eq!(code, 400);
+    assert!(body.contains("more than one audience"), "{body}");
+}

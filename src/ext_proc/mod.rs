@@ -80,8 +80,8 @@ pub struct StreamContext {
     pub intercepted: bool,
 }
 
-/// Most audience-header entries looked at in one request (more is refused
-/// as ambiguous anyway; this only bounds the work).
+/// Most audience-header entries kept per request; beyond it, only whether a
+/// further value differs is recorded (which makes the request ambiguous).
 const MAX_AUDIENCE_HEADERS: usize = 8;
 
 impl<S: TokenSource> ExtProc<S> {
@@ -159,11 +159,16 @@ impl<S: TokenSource> ExtProc<S> {
                 authority = header_bytes(header);
             } else if header.key == INTERCEPT_MARKER {
                 marked = true;
-            } else if header.key.eq_ignore_ascii_case(&inner.rules.header)
-                && audience_count < MAX_AUDIENCE_HEADERS
-            {
-                audience_values[audience_count] = header_bytes(header);
-                audience_count += 1;
+            } else if header.key.eq_ignore_ascii_case(&inner.rules.header) {
+                let value = header_bytes(header);
+                if audience_count < MAX_AUDIENCE_HEADERS {
+                    audience_values[audience_count] = value;
+                    audience_count += 1;
+                } else if value != audience_values[0] {
+                    // Past the bound only a differing value matters: keep
+                    // it, so the request is refused as ambiguous.
+                    audience_values[MAX_AUDIENCE_HEADERS - 1] = value;
+                }
             }
         }
         if method == b"CONNECT" {
