@@ -13,6 +13,7 @@
 //! The header and the query parameter are always removed before the request
 //! goes upstream, whichever source won, so the client cannot leak them.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -184,7 +185,7 @@ impl Rules {
         let audience = if let Some(raw) = from_header {
             Some((Audience::parse(raw, Source::Header)?, Source::Header))
         } else if let Some(raw) = from_query {
-            let decoded = decode_component(&raw).ok_or(Rejection::Malformed {
+            let decoded = decode_component(raw).ok_or(Rejection::Malformed {
                 from: Source::QueryParameter,
             })?;
             Some((
@@ -212,12 +213,13 @@ impl Rules {
 
     /// Finds the audience parameter in `path`'s query and returns its raw
     /// (still encoded) value and the path without it. Every other parameter
-    /// keeps its exact bytes and order; a fragment is kept.
+    /// keeps its exact bytes and order; a fragment is kept. Allocates only
+    /// the new path, and only when there is a parameter to remove.
     #[allow(clippy::type_complexity)]
-    fn strip_parameter(
+    fn strip_parameter<'a>(
         &self,
-        path: &[u8],
-    ) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), Rejection> {
+        path: &'a [u8],
+    ) -> Result<(Option<&'a [u8]>, Option<Vec<u8>>), Rejection> {
         let Some(q) = path.iter().position(|&b| b == b'?') else {
             return Ok((None, None));
         };
@@ -227,19 +229,20 @@ impl Rules {
             Some(h) => rest.split_at(h),
             None => (rest, &[][..]),
         };
+        let segments = || {
+            query.split(|&b| b == b'&').map(|segment| {
+                let (name, value) = match segment.iter().position(|&b| b == b'=') {
+                    Some(eq) => (&segment[..eq], &segment[eq + 1..]),
+                    None => (segment, &[][..]),
+                };
+                (segment, self.is_parameter(name), value)
+            })
+        };
         let mut found: Option<&[u8]> = None;
-        let mut kept: Vec<&[u8]> = Vec::new();
-        let mut removed_any = false;
-        for segment in query.split(|&b| b == b'&') {
-            let (name, value) = match segment.iter().position(|&b| b == b'=') {
-                Some(eq) => (&segment[..eq], &segment[eq + 1..]),
-                None => (segment, &[][..]),
-            };
-            if !self.is_parameter(name) {
-                kept.push(segment);
+        for (_, is_parameter, value) in segments() {
+            if !is_parameter {
                 continue;
             }
-            removed_any = true;
             match found {
                 None => found = Some(value),
                 Some(previous) if same_component(previous, value) => {}
@@ -250,22 +253,21 @@ impl Rules {
                 }
             }
         }
-        if !removed_any {
+        if found.is_none() {
             return Ok((None, None));
         }
         let mut new_path = Vec::with_capacity(path.len());
         new_path.extend_from_slice(base);
-        if !kept.is_empty() {
-            new_path.push(b'?');
-            for (i, segment) in kept.iter().enumerate() {
-                if i > 0 {
-                    new_path.push(b'&');
-                }
+        let mut separator = b'?';
+        for (segment, is_parameter, _) in segments() {
+            if !is_parameter {
+                new_path.push(separator);
                 new_path.extend_from_slice(segment);
+                separator = b'&';
             }
         }
         new_path.extend_from_slice(fragment);
-        Ok((found.map(<[u8]>::to_vec), Some(new_path)))
+        Ok((found, Some(new_path)))
     }
 
     fn is_parameter(&self, name: &[u8]) -> bool {
@@ -300,25 +302,26 @@ fn same_component(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Decodes one `application/x-www-form-urlencoded` component (`+` is a
-/// space, `%XX` an escaped byte). `None` when an escape is incomplete.
-fn decode_component(raw: &[u8]) -> Option<Vec<u8>> {
-    let mut bad_escape = false;
-    for (i, &b) in raw.iter().enumerate() {
-        if b == b'%' {
-            let ok = raw.len() > i + 2
+/// space, `%XX` an escaped byte), borrowing when there is nothing to decode.
+/// `None` when an escape is incomplete.
+fn decode_component(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let bad_escape = raw.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !(raw.len() > i + 2
                 && raw[i + 1].is_ascii_hexdigit()
-                && raw[i + 2].is_ascii_hexdigit();
-            bad_escape |= !ok;
-        }
-    }
+                && raw[i + 2].is_ascii_hexdigit())
+    });
     if bad_escape {
         return None;
     }
-    let plus_free: Vec<u8> = raw
-        .iter()
-        .map(|&b| if b == b'+' { b' ' } else { b })
-        .collect();
-    Some(percent_decode(&plus_free).collect())
+    if raw.contains(&b'+') {
+        let spaced: Vec<u8> = raw
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
+        return Some(Cow::Owned(percent_decode(&spaced).collect()));
+    }
+    Some(percent_decode(raw).into())
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod ca;
 pub mod config;
 pub mod ext_proc;
 pub mod intercept;
+mod moka_ext;
 pub mod sds;
 pub mod secret;
 pub mod server;

@@ -145,16 +145,9 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let terminated = tokio::spawn(processor.terminate());
     tokio::time::sleep(Duration::from_millis(300)).await;
     // During the drain delay: health says NOT_SERVING, /readyz 503.
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let status = health
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
     assert_eq!(
-        status,
-        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+        support::inproc::health_status(channel, "").await,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
     );
     let (code, _) = support::curl::get(&format!("http://{admin}/readyz")).await;
     assert_eq!(code, 503);

@@ -48,23 +48,6 @@ impl Stack {
         let url = format!("{}{path_and_query}", self.upstream.url());
         curl::via_proxy(&self.envoy.proxy_url(), &url, extra).await
     }
-
-    fn only_received(&self) -> support::upstream::Received {
-        let received = self.upstream.received();
-        assert_eq!(
-            received.len(),
-            1,
-            "the upstream got exactly one request: {received:#?}"
-        );
-        received.into_iter().next().unwrap()
-    }
-}
-
-fn claims_aud(verdict: &TokenVerdict) -> Vec<String> {
-    match verdict {
-        TokenVerdict::Valid(claims) => claims.aud.clone(),
-        other => panic!("expected a valid token, got {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -72,9 +55,9 @@ async fn query_parameter_audience_reaches_the_upstream_as_a_bound_token() {
     let s = Stack::start(&[]).await;
     let reply = s.get("/path?kubernetes-audience=A&x=1", &[]).await;
     assert_eq!(reply.status, 200, "{reply:?}\n{}", s.envoy.logs());
-    let got = s.only_received();
+    let got = s.upstream.only_received();
     assert_eq!(got.path, "/path?x=1");
-    assert_eq!(claims_aud(&got.verdict), ["A"]);
+    assert_eq!(got.verdict.audiences(), ["A"]);
     let claims = got.verdict.claims().unwrap();
     assert_eq!(claims.sub, "system:serviceaccount:demo:app");
     // The header Envoy forwarded is non-empty and exactly the minted token:
@@ -88,7 +71,7 @@ async fn query_parameter_audience_reaches_the_upstream_as_a_bound_token() {
         .get("/p?a=%2F%2f&kubernetes-audience=A&b=x+y&a=&c", &[])
         .await;
     assert_eq!(reply.status, 200);
-    assert_eq!(s.only_received().path, "/p?a=%2F%2f&b=x+y&a=&c");
+    assert_eq!(s.upstream.only_received().path, "/p?a=%2F%2f&b=x+y&a=&c");
     assert_eq!(
         s.api.token_requests(),
         1,
@@ -111,8 +94,8 @@ async fn header_audience_is_used_and_removed_and_client_authorization_overwritte
         )
         .await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    let got = s.only_received();
-    assert_eq!(claims_aud(&got.verdict), ["B"]);
+    let got = s.upstream.only_received();
+    assert_eq!(got.verdict.audiences(), ["B"]);
     assert_eq!(got.header("x-kubernetes-audience"), None);
     assert_eq!(
         got.header_values("authorization").len(),
@@ -144,13 +127,16 @@ typed_per_filter_config:
     .await;
     let reply = s.get("/kubelet/metrics?x=1", &[]).await;
     assert_eq!(reply.status, 200, "{reply:?}\n{}", s.envoy.logs());
-    let got = s.only_received();
-    assert_eq!(claims_aud(&got.verdict), ["https://kubelet.example"]);
+    let got = s.upstream.only_received();
+    assert_eq!(got.verdict.audiences(), ["https://kubelet.example"]);
     assert_eq!(got.path, "/kubelet/metrics?x=1");
     // Other routes are unaffected.
     s.upstream.clear();
     assert_eq!(s.get("/other", &[]).await.status, 200);
-    assert!(matches!(s.only_received().verdict, TokenVerdict::Missing));
+    assert!(matches!(
+        s.upstream.only_received().verdict,
+        TokenVerdict::Missing
+    ));
 }
 
 #[tokio::test]
@@ -160,7 +146,7 @@ async fn no_audience_passes_through_untouched() {
         .get("/plain?x=1", &["-H", "authorization: Basic dXNlcjpwYXNz"])
         .await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    let got = s.only_received();
+    let got = s.upstream.only_received();
     assert_eq!(got.path, "/plain?x=1");
     assert_eq!(got.header_values("authorization").len(), 1);
     assert!(
@@ -169,7 +155,10 @@ async fn no_audience_passes_through_untouched() {
     );
     s.upstream.clear();
     assert_eq!(s.get("/plain", &[]).await.status, 200);
-    assert!(matches!(s.only_received().verdict, TokenVerdict::Missing));
+    assert!(matches!(
+        s.upstream.only_received().verdict,
+        TokenVerdict::Missing
+    ));
     assert_eq!(s.api.token_requests(), 0);
 }
 
@@ -191,7 +180,10 @@ async fn refused_audiences_never_reach_the_upstream() {
         s.get("/x?kubernetes-audience=allowed-1", &[]).await.status,
         200
     );
-    assert_eq!(claims_aud(&s.only_received().verdict), ["allowed-1"]);
+    assert_eq!(
+        s.upstream.only_received().verdict.audiences(),
+        ["allowed-1"]
+    );
 }
 
 #[tokio::test]
@@ -211,7 +203,7 @@ async fn api_server_failure_is_a_503_at_the_client() {
     // Recovery without a restart.
     s.api.clear_faults();
     assert_eq!(s.get("/x?kubernetes-audience=A", &[]).await.status, 200);
-    assert_eq!(claims_aud(&s.only_received().verdict), ["A"]);
+    assert_eq!(s.upstream.only_received().verdict.audiences(), ["A"]);
 }
 
 #[tokio::test]
@@ -220,7 +212,7 @@ async fn http2_and_http10_clients() {
     // HTTP/1.0 through the proxy (Envoy's accept_http_10).
     let reply = s.get("/old?kubernetes-audience=A", &["--http1.0"]).await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(claims_aud(&s.only_received().verdict), ["A"]);
+    assert_eq!(s.upstream.only_received().verdict.audiences(), ["A"]);
     s.upstream.clear();
     // A cleartext HTTP/2 client talking to Envoy directly (no absolute URL):
     // the same ext_proc path serves it.
@@ -228,9 +220,9 @@ async fn http2_and_http10_clients() {
     let authority = format!("host: {}", s.upstream.addr());
     let reply = curl::run(&["--http2-prior-knowledge", "-H", &authority, &url]).await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    let got = s.only_received();
+    let got = s.upstream.only_received();
     assert_eq!(got.path, "/h2");
-    assert_eq!(claims_aud(&got.verdict), ["H2"]);
+    assert_eq!(got.verdict.audiences(), ["H2"]);
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use support::apiserver::{ApiServerOptions, FakeApiServer};
 use support::curl;
 use support::envoy::{self, Envoy};
 use support::processor::Processor;
-use support::upstream::{Received, TokenVerdict, Upstream};
+use support::upstream::{TokenVerdict, Upstream};
 
 struct Stack {
     api: FakeApiServer,
@@ -30,11 +30,8 @@ impl Stack {
         let upstream = Upstream::start_tls(api.verifier(), upstream_names).await;
         let kubeconfig = support::Kubeconfig::of(&api);
         let dir = tempfile::tempdir().unwrap();
-        let ca_file = dir.path().join("ca.crt");
-        let mut args = vec!["--ca-file-destination", ca_file.to_str().unwrap()];
-        for host in intercept {
-            args.extend(["--intercept-host", host]);
-        }
+        let args = support::intercept_args(&dir.path().join("ca.crt"), intercept, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let processor = Processor::start(&kubeconfig.path, &args).await;
         let upstream_ca = dir.path().join("upstream-ca.crt");
         upstream.write_ca(&upstream_ca);
@@ -71,23 +68,6 @@ impl Stack {
         args.extend_from_slice(extra);
         curl::via_proxy(&self.envoy.proxy_url(), &self.url(host, path), &args).await
     }
-
-    fn only_received(&self) -> Received {
-        let received = self.upstream.received();
-        assert_eq!(
-            received.len(),
-            1,
-            "exactly one request upstream: {received:#?}"
-        );
-        received.into_iter().next().unwrap()
-    }
-}
-
-fn aud(r: &Received) -> Vec<String> {
-    match &r.verdict {
-        TokenVerdict::Valid(claims) => claims.aud.clone(),
-        other => panic!("expected a valid token, got {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -105,9 +85,9 @@ async fn intercepted_https_gets_the_token_over_http1_and_http2() {
             s.envoy.logs(),
             s.processor.logs()
         );
-        let got = s.only_received();
+        let got = s.upstream.only_received();
         assert_eq!(got.path, "/metrics?x=1", "{name}");
-        assert_eq!(aud(&got), ["A"], "{name}");
+        assert_eq!(got.verdict.audiences(), ["A"], "{name}");
         assert!(got.tls);
         assert_eq!(
             got.sni.as_deref(),
@@ -137,7 +117,7 @@ async fn http10_connect_is_accepted() {
     ])
     .await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(aud(&s.only_received()), ["A"]);
+    assert_eq!(s.upstream.only_received().verdict.audiences(), ["A"]);
 }
 
 #[tokio::test]
@@ -159,7 +139,7 @@ async fn a_large_body_arrives_byte_identical() {
             )
             .await;
         assert_eq!(reply.status, 200, "{reply:?}");
-        let got = s.only_received();
+        let got = s.upstream.only_received();
         assert_eq!(got.method, "POST");
         assert_eq!(got.body_len, body.len());
         use sha2::Digest;
@@ -167,7 +147,7 @@ async fn a_large_body_arrives_byte_identical() {
             got.body_sha256,
             format!("{:x}", sha2::Sha256::digest(&body))
         );
-        assert_eq!(aud(&got), ["A"]);
+        assert_eq!(got.verdict.audiences(), ["A"]);
     }
 }
 
@@ -182,8 +162,8 @@ async fn sni_less_clients_get_the_ip_certificate() {
         s.processor.logs(),
         s.envoy.logs()
     );
-    let got = s.only_received();
-    assert_eq!(aud(&got), ["B"]);
+    let got = s.upstream.only_received();
+    assert_eq!(got.verdict.audiences(), ["B"]);
     assert_eq!(got.path, "/ip");
 }
 

@@ -433,19 +433,10 @@ async fn serves_over_a_unix_socket_with_health() {
         .unwrap();
     assert_token_for(&api, &resp, "uds");
 
-    let mut health = tonic_health::pb::health_client::HealthClient::new(proc.channel().await);
     for service in ["", "envoy.service.ext_proc.v3.ExternalProcessor"] {
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
         assert_eq!(
-            status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            support::inproc::health_status(proc.channel().await, service).await,
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
             "{service:?}"
         );
     }
@@ -539,16 +530,12 @@ fn connect(authority: &str, marked: bool) -> ProcessingRequest {
 
 async fn intercepting(extra: &[&str]) -> (Setup, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.crt");
-    let mut args = vec![
-        "--intercept-host",
-        "localhost",
-        "--intercept-host",
-        "127.0.0.1",
-        "--ca-file-destination",
-        ca.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
+    let args = support::intercept_args(
+        &dir.path().join("ca.crt"),
+        &["localhost", "127.0.0.1"],
+        extra,
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     (setup(&args).await, dir)
 }
 

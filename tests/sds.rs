@@ -32,17 +32,8 @@ async fn setup(extra: &[&str]) -> Setup {
     let kubeconfig = support::Kubeconfig::of(&api);
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.crt");
-    let mut args = vec![
-        "--intercept-host",
-        "localhost",
-        "--intercept-host",
-        "*.example.com",
-        "--intercept-host",
-        "127.0.0.1",
-        "--ca-file-destination",
-        ca.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
+    let args = support::intercept_args(&ca, &["localhost", "*.example.com", "127.0.0.1"], extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let proc = InProcess::start(config(&kubeconfig.path, &args)).await;
     Setup {
         proc,

@@ -141,7 +141,7 @@ impl<S: TokenSource> ExtProc<S> {
         &self,
         headers: &HttpHeaders,
         metadata: Option<&[u8]>,
-        sni: Option<String>,
+        sni: Option<&str>,
     ) -> Answer {
         let inner = &*self.inner;
         let mut path: Option<&[u8]> = None;
@@ -175,7 +175,7 @@ impl<S: TokenSource> ExtProc<S> {
             return self.connect(authority, marked).into();
         }
         if let Some(sni) = sni
-            && let Err(reason) = authority_matches_sni(authority, &sni)
+            && let Err(reason) = authority_matches_sni(authority, sni)
         {
             tracing::info!(%reason, "refused a request whose host differs from its TLS server name (421)");
             return response::misdirected(&reason).into();
@@ -247,19 +247,19 @@ impl<S: TokenSource> ExtProc<S> {
 /// The SNI Envoy reports for this request (empty if absent). Envoy 1.40 puts
 /// attributes in `ProcessingRequest.attributes`; older versions in the
 /// headers message. Both are keyed by the filter name.
-fn sni(
-    request_attributes: &std::collections::HashMap<
+fn sni<'a>(
+    request_attributes: &'a std::collections::HashMap<
         String,
         envoy_types::pb::google::protobuf::Struct,
     >,
-    headers: &HttpHeaders,
-) -> String {
+    headers: &'a HttpHeaders,
+) -> &'a str {
     use envoy_types::pb::google::protobuf::value::Kind;
     request_attributes
         .values()
         .chain(headers.attributes.values())
         .find_map(|s| match s.fields.get(SNI_ATTRIBUTE)?.kind.as_ref()? {
-            Kind::StringValue(v) => Some(v.clone()),
+            Kind::StringValue(v) => Some(v.as_str()),
             _ => None,
         })
         .unwrap_or_default()

@@ -15,7 +15,6 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use envoy_types::pb::envoy::service::discovery::v3::Resource;
 use envoy_types::pb::google::protobuf::Any;
-use moka::ops::compute::Op;
 use prost::{Message, Name};
 use tokio::time::Instant;
 
@@ -195,13 +194,7 @@ impl Certificates {
             if Instant::now() < minted.rotate_at {
                 return Ok(minted);
             }
-            self.cache
-                .entry_by_ref(name)
-                .and_compute_with(|held| {
-                    let stale = held.is_some_and(|h| Arc::ptr_eq(h.value(), &minted));
-                    std::future::ready(if stale { Op::Remove } else { Op::Nop })
-                })
-                .await;
+            crate::moka_ext::remove_if_same(&self.cache, name, &minted).await;
         }
         self.cache
             .try_get_with_by_ref(name, async {

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use moka::ops::compute::Op;
 use tokio::time::Instant;
 
 use super::schedule::Policy;
@@ -130,13 +129,7 @@ impl<S: TokenSource> TokenCache<S> {
             }
             // Refreshes failed until the token became unusable: drop this
             // entry (unless another request already replaced it) and mint.
-            self.entries
-                .entry_by_ref(audience)
-                .and_compute_with(|held| {
-                    let stale = held.is_some_and(|h| Arc::ptr_eq(h.value(), &entry));
-                    std::future::ready(if stale { Op::Remove } else { Op::Nop })
-                })
-                .await;
+            crate::moka_ext::remove_if_same(&self.entries, audience, &entry).await;
         }
         let entry = self
             .entries

@@ -51,6 +51,23 @@ pub async fn connect(target: &str) -> Channel {
     }
 }
 
+/// The grpc.health.v1 status of `service` ("" for the whole server).
+pub async fn health_status(
+    channel: Channel,
+    service: &str,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    tonic_health::pb::health_check_response::ServingStatus::try_from(status).unwrap()
+}
+
 /// Parses the processor's command line as the binary would, with the
 /// defaults the tests share (ServiceAccount `app` in `demo`, ephemeral ports,
 /// no drain delay); `extra` flags come last and win.

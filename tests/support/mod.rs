@@ -46,3 +46,17 @@ pub const COMMON_ARGS: &[&str] = &[
     "--shutdown-delay",
     "0s",
 ];
+
+/// Processor flags to intercept `hosts`, writing the CA certificate to
+/// `ca_file`; `extra` flags follow.
+pub fn intercept_args(ca_file: &std::path::Path, hosts: &[&str], extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--ca-file-destination".to_owned(),
+        ca_file.to_str().unwrap().to_owned(),
+    ];
+    for host in hosts {
+        args.extend(["--intercept-host".to_owned(), (*host).to_owned()]);
+    }
+    args.extend(extra.iter().map(|e| (*e).to_owned()));
+    args
+}

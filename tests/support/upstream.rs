@@ -54,6 +54,14 @@ impl TokenVerdict {
         matches!(self, TokenVerdict::Valid(_))
     }
 
+    /// The `aud` claim of a valid token; panics (failing the test) otherwise.
+    pub fn audiences(&self) -> Vec<String> {
+        match self {
+            TokenVerdict::Valid(claims) => claims.aud.clone(),
+            other => panic!("expected a valid token, got {other:?}"),
+        }
+    }
+
     fn to_json(&self) -> Value {
         match self {
             TokenVerdict::Missing => json!({"token": "missing"}),
@@ -235,6 +243,18 @@ impl Upstream {
 
     pub fn last(&self) -> Option<Received> {
         lock(&self.state.received).last().cloned()
+    }
+
+    /// The single request received so far; panics (failing the test) if
+    /// there were none or several.
+    pub fn only_received(&self) -> Received {
+        let mut received = self.received();
+        assert_eq!(
+            received.len(),
+            1,
+            "the upstream got exactly one request: {received:#?}"
+        );
+        received.remove(0)
     }
 
     pub fn count(&self) -> usize {
