@@ -95,33 +95,56 @@ impl fmt::Display for Token {
     }
 }
 
-/// A PEM private key (a leaf's). `Debug` and `Display` print a placeholder.
-#[derive(Clone, PartialEq, Eq)]
-pub struct KeyPem(Arc<str>);
+/// A value that must never be printed: `Debug` and `Display` write
+/// `[REDACTED]` whatever `T` is. The one redacting wrapper of the crate:
+/// every credential-holding field is a `Redacted<_>`, so a derived `Debug`
+/// on the struct around it is safe.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Redacted<T>(T);
 
-impl KeyPem {
-    /// Wraps a PEM key.
-    pub fn new(pem: String) -> KeyPem {
-        KeyPem(Arc::from(pem))
+impl<T> Redacted<T> {
+    /// Wraps a secret value.
+    pub fn new(value: T) -> Redacted<T> {
+        Redacted(value)
     }
 
-    /// The PEM text. Only for handing it to Envoy.
-    pub fn expose_secret(&self) -> &str {
+    /// The value. Only for writing it where it belongs.
+    pub fn expose_secret(&self) -> &T {
         &self.0
     }
 }
 
-impl fmt::Debug for KeyPem {
+impl<T> fmt::Debug for Redacted<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("KeyPem(")?;
-        f.write_str(REDACTED)?;
-        f.write_str(")")
+        f.write_str(REDACTED)
+    }
+}
+
+impl<T> fmt::Display for Redacted<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+/// A PEM private key (a leaf's). `Debug` and `Display` print a placeholder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyPem(Redacted<Arc<str>>);
+
+impl KeyPem {
+    /// Wraps a PEM key.
+    pub fn new(pem: String) -> KeyPem {
+        KeyPem(Redacted::new(Arc::from(pem)))
+    }
+
+    /// The PEM text. Only for handing it to Envoy.
+    pub fn expose_secret(&self) -> &str {
+        self.0.expose_secret()
     }
 }
 
 impl fmt::Display for KeyPem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(REDACTED)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
