@@ -12,10 +12,16 @@ use crate::audience::{self, Allowlist, Audience, Rules};
 use crate::ca::CaSettings;
 use crate::ext_proc::OnTokenError;
 use crate::intercept::InterceptHosts;
+use crate::tokens::cache::Limits;
 use crate::tokens::kube::BoundPod;
 
-/// Shortest token lifetime the Kubernetes API server accepts.
+/// Shortest token lifetime the Kubernetes API server accepts
+/// (`expirationSeconds` below it is refused with 422).
 pub const MIN_TOKEN_EXPIRATION: Duration = Duration::from_secs(600);
+
+/// Shortest leaf certificate lifetime: a successor is pushed after two
+/// thirds of it, and Envoy needs time to fetch it before the old one ends.
+pub const MIN_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(600);
 
 /// kube-audience-proxy: an Envoy external processor (ext_proc) that gives each
 /// HTTP request a bound ServiceAccount token for the audience it asks for.
@@ -63,14 +69,15 @@ pub struct Cli {
     )]
     pub grpc_listen_address: String,
 
-    /// Admin HTTP listener: /healthz, /readyz.
+    /// Admin HTTP listener (/healthz, /readyz): `IP:PORT`. It serves nothing
+    /// secret, so it may sit on the pod IP for kubelet probes.
     #[arg(
         long,
         env = "KUBE_AUDIENCE_PROXY_ADMIN_LISTEN_ADDRESS",
         value_name = "IP:PORT",
         default_value = "127.0.0.1:18081"
     )]
-    pub admin_listen_address: SocketAddr,
+    pub admin_listen_address: String,
 
     /// Query parameter that names the audience (removed before upstream).
     #[arg(
@@ -316,6 +323,88 @@ pub enum LogFormat {
     Json,
 }
 
+// === the validated configuration, one section per consumer ===
+
+/// The validated configuration: one section per consumer, each taken whole.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How to reach the API server (`kube_client`).
+    pub kube: KubeSettings,
+    /// Which tokens to mint and what to do without one (token source, processor).
+    pub tokens: TokenSettings,
+    /// Bounds of the token cache.
+    pub cache: Limits,
+    /// How a request names its audience (processor).
+    pub audience: Rules,
+    /// TLS interception; `None` when no host is intercepted (then no CA exists).
+    pub interception: Option<Interception>,
+    /// Listeners, drain and runtime (server).
+    pub server: ServerSettings,
+    /// Logging (main).
+    pub telemetry: TelemetrySettings,
+}
+
+/// Where the Kubernetes client configuration comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeSettings {
+    /// `None`: in-cluster configuration (or kube's inference).
+    pub kubeconfig: Option<PathBuf>,
+    /// Overrides the URL from the kubeconfig or the cluster.
+    pub apiserver: Option<http::Uri>,
+}
+
+/// The TokenRequests to make, and the failure policy when they fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSettings {
+    /// ServiceAccount whose tokens are minted.
+    pub service_account: String,
+    /// Its namespace (the pod's).
+    pub namespace: String,
+    /// Requested lifetime (`expirationSeconds`), at least [`MIN_TOKEN_EXPIRATION`].
+    pub expiration: Duration,
+    /// Set: tokens are bound to this pod and die with it.
+    pub bound_pod: Option<BoundPod>,
+    /// Bound on one TokenRequest; below Envoy's ext_proc `message_timeout`.
+    pub request_timeout: Duration,
+    /// Fail closed (503) or open (forward without a token).
+    pub on_token_error: OnTokenError,
+}
+
+/// TLS interception: the hosts, the CA and the leaves minted from it.
+#[derive(Clone, Debug)]
+pub struct Interception {
+    /// Never empty.
+    pub hosts: InterceptHosts,
+    /// The CA, created (or loaded) at startup.
+    pub ca: CaSettings,
+    /// Lifetime of each leaf, at least [`MIN_CERTIFICATE_VALIDITY`].
+    pub certificate_validity: Duration,
+    /// Bound on leaves (names) held at once.
+    pub max_certificates: usize,
+}
+
+/// Listeners and the server's lifecycle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// ext_proc, SDS and gRPC health: loopback TCP or a Unix socket.
+    pub grpc: ListenAddress,
+    /// `/healthz`, `/readyz`.
+    pub admin: SocketAddr,
+    /// How long to keep serving (NOT_SERVING) after SIGTERM before draining.
+    pub shutdown_delay: Duration,
+    /// Worker threads of the async runtime.
+    pub worker_threads: usize,
+}
+
+/// Logging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TelemetrySettings {
+    /// This crate's level (others are capped, see `telemetry`).
+    pub level: LogLevel,
+    /// logfmt or JSON.
+    pub format: LogFormat,
+}
+
 /// Where the gRPC server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddress {
@@ -325,61 +414,9 @@ pub enum ListenAddress {
     Unix(PathBuf),
 }
 
-/// Where the Kubernetes client configuration comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KubeSettings {
-    /// Explicit kubeconfig; `None` = in-cluster (or kube's inference).
-    pub kubeconfig: Option<PathBuf>,
-    /// API server URL override.
-    pub apiserver: Option<http::Uri>,
-}
+// === errors ===
 
-/// The validated configuration.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// ServiceAccount name.
-    pub service_account: String,
-    /// Its namespace.
-    pub namespace: String,
-    /// Kubernetes client settings.
-    pub kube: KubeSettings,
-    /// gRPC listener.
-    pub grpc_listen: ListenAddress,
-    /// Admin listener.
-    pub admin_listen: SocketAddr,
-    /// Audience resolution rules.
-    pub rules: Rules,
-    /// Requested token lifetime.
-    pub token_expiration: Duration,
-    /// Pod the tokens are bound to.
-    pub bound_pod: Option<BoundPod>,
-    /// Fail closed or open.
-    pub on_token_error: OnTokenError,
-    /// Cache bound.
-    pub max_audiences: u64,
-    /// Idle expiry of cached audiences.
-    pub audience_idle_timeout: Duration,
-    /// Bound on one TokenRequest.
-    pub token_request_timeout: Duration,
-    /// Drain delay on shutdown.
-    pub shutdown_delay: Duration,
-    /// Intercepted hosts.
-    pub intercept: InterceptHosts,
-    /// The CA, if any host is intercepted.
-    pub ca: Option<CaSettings>,
-    /// Leaf certificate validity.
-    pub certificate_validity: Duration,
-    /// Bound on leaf certificates.
-    pub max_certificates: usize,
-    /// Runtime worker threads.
-    pub worker_threads: usize,
-    /// Log level.
-    pub log_level: LogLevel,
-    /// Log format.
-    pub log_format: LogFormat,
-}
-
-/// A configuration that cannot work. Exit code 64 (EX_USAGE).
+/// One invalid setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// No ServiceAccount given.
@@ -387,27 +424,24 @@ pub enum ConfigError {
     MissingServiceAccount,
     /// The namespace file could not be read.
     #[error(
-        "no namespace: --namespace / POD_NAMESPACE not set and the namespace file {path} could not be read ({source})"
+        "no namespace: --namespace / POD_NAMESPACE not set and the namespace file {path} could not be read ({reason})"
     )]
     NamespaceFile {
-        /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
-    /// A Kubernetes name is not a valid DNS-1123 name.
+    /// A Kubernetes name is not a valid DNS-1123 subdomain.
     #[error(
         "{what} {value:?} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.')"
     )]
-    InvalidName {
-        /// Which setting.
-        what: &'static str,
-        /// The value.
+    InvalidName { what: &'static str, value: String },
+    /// A listen address that does not parse.
+    #[error("{flag} {value:?}: expected {expected}")]
+    ListenAddress {
+        flag: &'static str,
         value: String,
+        expected: &'static str,
     },
-    /// Bad gRPC listen address.
-    #[error("--grpc-listen-address {0:?}: expected a loopback IP:PORT or unix:/path")]
-    GrpcAddress(String),
     /// gRPC listener outside loopback.
     #[error(
         "--grpc-listen-address {0}: the processor hands out credentials, so it only listens on loopback (127.0.0.0/8, ::1) or a Unix socket"
@@ -417,12 +451,16 @@ pub enum ConfigError {
     #[error("--apiserver {0:?} is not a valid URL")]
     ApiServer(String),
     /// Token lifetime too short.
-    #[error("--token-expiration {} is below the API server's minimum of 10m", humantime::format_duration(*.0))]
+    #[error(
+        "--token-expiration {} is below the API server's minimum of {}",
+        humantime::format_duration(*.0),
+        humantime::format_duration(MIN_TOKEN_EXPIRATION)
+    )]
     TokenExpiration(Duration),
     /// Bad audience header name.
     #[error("--audience-header {0:?} is not a valid HTTP header name")]
     AudienceHeader(String),
-    /// Bad audience parameter name.
+    /// Empty audience parameter name.
     #[error("--audience-parameter must not be empty")]
     AudienceParameter,
     /// Bad default audience.
@@ -440,155 +478,296 @@ pub enum ConfigError {
     #[error(transparent)]
     InterceptHost(#[from] crate::intercept::PatternError),
     /// Leaf validity out of range.
-    #[error("--certificate-validity must be between 10m and --ca-validity")]
+    #[error(
+        "--certificate-validity must be between {} and --ca-validity",
+        humantime::format_duration(MIN_CERTIFICATE_VALIDITY)
+    )]
     CertificateValidity,
-    /// A timeout of zero.
+    /// A duration that must not be zero.
     #[error("{0} must be longer than zero")]
     ZeroDuration(&'static str),
 }
 
-impl TryFrom<Cli> for Config {
-    type Error = ConfigError;
+/// Every invalid setting of a command line, reported together so an
+/// operator fixes them in one round. Exit code 64 (EX_USAGE).
+#[derive(Debug)]
+pub struct ConfigErrors(Vec<ConfigError>);
 
-    fn try_from(cli: Cli) -> Result<Config, ConfigError> {
-        let service_account = cli
-            .service_account
-            .filter(|s| !s.trim().is_empty())
-            .ok_or(ConfigError::MissingServiceAccount)?
-            .trim()
-            .to_owned();
-        validate_name("ServiceAccount", &service_account)?;
-        let namespace = match cli.namespace.filter(|n| !n.trim().is_empty()) {
-            Some(ns) => ns.trim().to_owned(),
-            None => std::fs::read_to_string(&cli.namespace_file)
-                .map_err(|source| ConfigError::NamespaceFile {
-                    path: cli.namespace_file.clone(),
-                    source,
-                })?
-                .trim()
-                .to_owned(),
-        };
-        validate_name("namespace", &namespace)?;
-
-        let apiserver = match cli.apiserver {
-            Some(url) => {
-                let uri: http::Uri = url
-                    .parse()
-                    .map_err(|_| ConfigError::ApiServer(url.clone()))?;
-                if uri.scheme().is_none() || uri.host().is_none() {
-                    return Err(ConfigError::ApiServer(url));
-                }
-                Some(uri)
-            }
-            None => None,
-        };
-
-        if cli.token_expiration < MIN_TOKEN_EXPIRATION {
-            return Err(ConfigError::TokenExpiration(cli.token_expiration));
-        }
-        for (name, value) in [
-            ("--token-request-timeout", cli.token_request_timeout),
-            ("--audience-idle-timeout", cli.audience_idle_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(ConfigError::ZeroDuration(name));
-            }
-        }
-
-        let header = cli.audience_header.to_ascii_lowercase();
-        if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
-            return Err(ConfigError::AudienceHeader(cli.audience_header));
-        }
-        if cli.audience_parameter.is_empty() {
-            return Err(ConfigError::AudienceParameter);
-        }
-        let allowlist =
-            Allowlist::new(&cli.allowed_audience).map_err(ConfigError::AllowedAudience)?;
-        let default = match cli.default_audience {
-            Some(raw) => {
-                let audience = Audience::parse(raw.as_bytes(), audience::Source::Default)
-                    .map_err(ConfigError::DefaultAudience)?;
-                if !allowlist.allows(&audience) {
-                    return Err(ConfigError::DefaultAudience(
-                        audience::Rejection::NotAllowed { audience },
-                    ));
-                }
-                Some(audience)
-            }
-            None => None,
-        };
-
-        let intercept = InterceptHosts::new(&cli.intercept_host)?;
-        if cli.certificate_validity < Duration::from_secs(600)
-            || cli.certificate_validity > cli.ca_validity
-        {
-            return Err(ConfigError::CertificateValidity);
-        }
-        let ca = (!intercept.is_empty()).then(|| CaSettings {
-            destination: cli.ca_file_destination.clone(),
-            persisted: cli.ca_key_file.clone().zip(cli.ca_cert_file.clone()),
-            validity: cli.ca_validity,
-        });
-
-        let bound_pod = if cli.bind_pod {
-            match (cli.pod_name, cli.pod_uid) {
-                (Some(name), Some(uid)) if !name.is_empty() && !uid.is_empty() => {
-                    Some(BoundPod { name, uid })
-                }
-                _ => return Err(ConfigError::MissingPod),
-            }
-        } else {
-            None
-        };
-
-        Ok(Config {
-            service_account,
-            namespace,
-            kube: KubeSettings {
-                kubeconfig: cli.kubeconfig,
-                apiserver,
-            },
-            grpc_listen: parse_grpc_address(&cli.grpc_listen_address)?,
-            admin_listen: cli.admin_listen_address,
-            rules: Rules {
-                header,
-                parameter: cli.audience_parameter,
-                default,
-                allowlist,
-            },
-            token_expiration: cli.token_expiration,
-            bound_pod,
-            on_token_error: cli.on_token_error,
-            max_audiences: cli.max_audiences,
-            audience_idle_timeout: cli.audience_idle_timeout,
-            token_request_timeout: cli.token_request_timeout,
-            shutdown_delay: cli.shutdown_delay,
-            intercept,
-            ca,
-            certificate_validity: cli.certificate_validity,
-            max_certificates: usize::try_from(cli.max_certificates).unwrap_or(usize::MAX),
-            worker_threads: usize::from(cli.worker_threads),
-            log_level: cli.log_level,
-            log_format: cli.log_format,
-        })
+impl ConfigErrors {
+    /// The errors, in flag order.
+    pub fn iter(&self) -> impl Iterator<Item = &ConfigError> {
+        self.0.iter()
     }
 }
 
+impl std::fmt::Display for ConfigErrors {
+    /// One error per line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects errors while every section is built, so none stops the others.
+#[derive(Default)]
+struct Collector(Vec<ConfigError>);
+
+impl Collector {
+    /// The value, or `None` with the error recorded.
+    fn take<T>(&mut self, result: Result<T, ConfigError>) -> Option<T> {
+        result.map_err(|error| self.0.push(error)).ok()
+    }
+
+    fn check(&mut self, ok: bool, error: impl FnOnce() -> ConfigError) -> Option<()> {
+        self.take(if ok { Ok(()) } else { Err(error()) })
+    }
+}
+
+// === building the sections ===
+
+impl TryFrom<Cli> for Config {
+    type Error = ConfigErrors;
+
+    fn try_from(cli: Cli) -> Result<Config, ConfigErrors> {
+        let mut errors = Collector::default();
+        let kube = kube_settings(&cli, &mut errors);
+        let tokens = token_settings(&cli, &mut errors);
+        let cache = cache_limits(&cli, &mut errors);
+        let audience = audience_rules(&cli, &mut errors);
+        let interception = interception(&cli, &mut errors);
+        let server = server_settings(&cli, &mut errors);
+        let telemetry = TelemetrySettings {
+            level: cli.log_level,
+            format: cli.log_format,
+        };
+        match (kube, tokens, cache, audience, interception, server) {
+            (
+                Some(kube),
+                Some(tokens),
+                Some(cache),
+                Some(audience),
+                Some(interception),
+                Some(server),
+            ) if errors.0.is_empty() => Ok(Config {
+                kube,
+                tokens,
+                cache,
+                audience,
+                interception,
+                server,
+                telemetry,
+            }),
+            _ => Err(ConfigErrors(errors.0)),
+        }
+    }
+}
+
+fn kube_settings(cli: &Cli, errors: &mut Collector) -> Option<KubeSettings> {
+    let apiserver = match &cli.apiserver {
+        Some(url) => Some(errors.take(parse_url(url))?),
+        None => None,
+    };
+    Some(KubeSettings {
+        kubeconfig: cli.kubeconfig.clone(),
+        apiserver,
+    })
+}
+
+fn parse_url(url: &str) -> Result<http::Uri, ConfigError> {
+    let invalid = || ConfigError::ApiServer(url.to_owned());
+    let uri: http::Uri = url.parse().map_err(|_| invalid())?;
+    if uri.scheme().is_none() || uri.host().is_none() {
+        return Err(invalid());
+    }
+    Ok(uri)
+}
+
+fn token_settings(cli: &Cli, errors: &mut Collector) -> Option<TokenSettings> {
+    let service_account = errors.take(service_account(cli));
+    let namespace = errors.take(namespace(cli));
+    let expiration = errors.check(cli.token_expiration >= MIN_TOKEN_EXPIRATION, || {
+        ConfigError::TokenExpiration(cli.token_expiration)
+    });
+    let request_timeout = non_zero(errors, "--token-request-timeout", cli.token_request_timeout);
+    let bound_pod = errors.take(bound_pod(cli));
+    Some(TokenSettings {
+        service_account: service_account?,
+        namespace: namespace?,
+        expiration: expiration.map(|()| cli.token_expiration)?,
+        bound_pod: bound_pod?,
+        request_timeout: request_timeout?,
+        on_token_error: cli.on_token_error,
+    })
+}
+
+fn service_account(cli: &Cli) -> Result<String, ConfigError> {
+    let name = cli
+        .service_account
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or(ConfigError::MissingServiceAccount)?;
+    validate_name("ServiceAccount", name)?;
+    Ok(name.to_owned())
+}
+
+fn namespace(cli: &Cli) -> Result<String, ConfigError> {
+    let namespace = match cli.namespace.as_deref().map(str::trim) {
+        Some(ns) if !ns.is_empty() => ns.to_owned(),
+        _ => std::fs::read_to_string(&cli.namespace_file)
+            .map_err(|reason| ConfigError::NamespaceFile {
+                path: cli.namespace_file.clone(),
+                reason,
+            })?
+            .trim()
+            .to_owned(),
+    };
+    validate_name("namespace", &namespace)?;
+    Ok(namespace)
+}
+
+fn bound_pod(cli: &Cli) -> Result<Option<BoundPod>, ConfigError> {
+    if !cli.bind_pod {
+        return Ok(None);
+    }
+    match (&cli.pod_name, &cli.pod_uid) {
+        (Some(name), Some(uid)) if !name.is_empty() && !uid.is_empty() => Ok(Some(BoundPod {
+            name: name.clone(),
+            uid: uid.clone(),
+        })),
+        _ => Err(ConfigError::MissingPod),
+    }
+}
+
+fn non_zero(errors: &mut Collector, flag: &'static str, value: Duration) -> Option<Duration> {
+    errors
+        .check(!value.is_zero(), || ConfigError::ZeroDuration(flag))
+        .map(|()| value)
+}
+
+fn cache_limits(cli: &Cli, errors: &mut Collector) -> Option<Limits> {
+    Some(Limits {
+        max_audiences: cli.max_audiences,
+        idle_timeout: non_zero(errors, "--audience-idle-timeout", cli.audience_idle_timeout)?,
+    })
+}
+
+fn audience_rules(cli: &Cli, errors: &mut Collector) -> Option<Rules> {
+    let header = cli.audience_header.to_ascii_lowercase();
+    let header_ok = errors.check(
+        http::HeaderName::from_bytes(header.as_bytes()).is_ok(),
+        || ConfigError::AudienceHeader(cli.audience_header.clone()),
+    );
+    let parameter_ok = errors.check(!cli.audience_parameter.is_empty(), || {
+        ConfigError::AudienceParameter
+    });
+    let allowlist =
+        errors.take(Allowlist::new(&cli.allowed_audience).map_err(ConfigError::AllowedAudience));
+    let default = match (&cli.default_audience, &allowlist) {
+        (Some(raw), Some(allowlist)) => errors.take(default_audience(raw, allowlist)),
+        // The allowlist is broken: the default cannot be checked against it.
+        (Some(_), None) => None,
+        (None, _) => Some(None),
+    };
+    header_ok?;
+    parameter_ok?;
+    Some(Rules {
+        header,
+        parameter: cli.audience_parameter.clone(),
+        default: default?,
+        allowlist: allowlist?,
+    })
+}
+
+fn default_audience(raw: &str, allowlist: &Allowlist) -> Result<Option<Audience>, ConfigError> {
+    let audience = Audience::parse(raw.as_bytes(), audience::Source::Default)
+        .map_err(ConfigError::DefaultAudience)?;
+    if !allowlist.allows(&audience) {
+        return Err(ConfigError::DefaultAudience(
+            audience::Rejection::NotAllowed { audience },
+        ));
+    }
+    Ok(Some(audience))
+}
+
+fn interception(cli: &Cli, errors: &mut Collector) -> Option<Option<Interception>> {
+    let hosts = errors.take(InterceptHosts::new(&cli.intercept_host).map_err(ConfigError::from));
+    let validity_ok = errors.check(
+        cli.certificate_validity >= MIN_CERTIFICATE_VALIDITY
+            && cli.certificate_validity <= cli.ca_validity,
+        || ConfigError::CertificateValidity,
+    );
+    let hosts = hosts?;
+    validity_ok?;
+    if hosts.is_empty() {
+        return Some(None);
+    }
+    Some(Some(Interception {
+        hosts,
+        ca: CaSettings {
+            destination: cli.ca_file_destination.clone(),
+            persisted: cli.ca_key_file.clone().zip(cli.ca_cert_file.clone()),
+            validity: cli.ca_validity,
+        },
+        certificate_validity: cli.certificate_validity,
+        max_certificates: usize::try_from(cli.max_certificates).unwrap_or(usize::MAX),
+    }))
+}
+
+fn server_settings(cli: &Cli, errors: &mut Collector) -> Option<ServerSettings> {
+    let grpc = errors.take(parse_grpc_address(&cli.grpc_listen_address));
+    let admin = errors.take(parse_socket_address(
+        "--admin-listen-address",
+        &cli.admin_listen_address,
+    ));
+    Some(ServerSettings {
+        grpc: grpc?,
+        admin: admin?,
+        shutdown_delay: cli.shutdown_delay,
+        worker_threads: usize::from(cli.worker_threads),
+    })
+}
+
+const GRPC_ADDRESS_FORM: &str = "a loopback IP:PORT or unix:/path";
+
 fn parse_grpc_address(raw: &str) -> Result<ListenAddress, ConfigError> {
+    const FLAG: &str = "--grpc-listen-address";
     if let Some(path) = raw.strip_prefix("unix:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         if path.is_empty() {
-            return Err(ConfigError::GrpcAddress(raw.to_owned()));
+            return Err(ConfigError::ListenAddress {
+                flag: FLAG,
+                value: raw.to_owned(),
+                expected: GRPC_ADDRESS_FORM,
+            });
         }
         return Ok(ListenAddress::Unix(PathBuf::from(path)));
     }
-    let addr: SocketAddr = raw
-        .parse()
-        .map_err(|_| ConfigError::GrpcAddress(raw.to_owned()))?;
+    let addr = parse_socket_address(FLAG, raw).map_err(|_| ConfigError::ListenAddress {
+        flag: FLAG,
+        value: raw.to_owned(),
+        expected: GRPC_ADDRESS_FORM,
+    })?;
     if !addr.ip().is_loopback() {
         return Err(ConfigError::NotLoopback(addr));
     }
     Ok(ListenAddress::Tcp(addr))
+}
+
+/// `IP:PORT` (IPv6 in brackets), the one parser of every TCP address flag.
+fn parse_socket_address(flag: &'static str, raw: &str) -> Result<SocketAddr, ConfigError> {
+    raw.trim().parse().map_err(|_| ConfigError::ListenAddress {
+        flag,
+        value: raw.to_owned(),
+        expected: "IP:PORT",
+    })
 }
 
 /// RFC 1123 subdomain, as Kubernetes requires for these names.
@@ -614,7 +793,7 @@ fn validate_name(what: &'static str, value: &str) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+    fn parse(args: &[&str]) -> Result<Config, ConfigErrors> {
         let mut argv = vec!["kube-audience-proxy"];
         argv.extend_from_slice(args);
         Config::try_from(Cli::try_parse_from(argv).unwrap())
@@ -624,16 +803,16 @@ mod tests {
     fn defaults() {
         let c = parse(&["--service-account", "app", "--namespace", "demo"]).unwrap();
         assert_eq!(
-            c.grpc_listen,
+            c.server.grpc,
             ListenAddress::Tcp("127.0.0.1:18080".parse().unwrap())
         );
-        assert_eq!(c.admin_listen, "127.0.0.1:18081".parse().unwrap());
-        assert_eq!(c.rules.header, "x-kubernetes-audience");
-        assert_eq!(c.rules.parameter, "kubernetes-audience");
-        assert_eq!(c.token_expiration, Duration::from_secs(3600));
-        assert_eq!(c.on_token_error, OnTokenError::Deny);
-        assert_eq!(c.bound_pod, None);
-        assert_eq!(c.max_audiences, 1000);
+        assert_eq!(c.server.admin, "127.0.0.1:18081".parse().unwrap());
+        assert_eq!(c.audience.header, "x-kubernetes-audience");
+        assert_eq!(c.audience.parameter, "kubernetes-audience");
+        assert_eq!(c.tokens.expiration, Duration::from_secs(3600));
+        assert_eq!(c.tokens.on_token_error, OnTokenError::Deny);
+        assert_eq!(c.tokens.bound_pod, None);
+        assert_eq!(c.cache.max_audiences, 1000);
     }
 
     #[test]
@@ -648,7 +827,7 @@ mod tests {
             file.to_str().unwrap(),
         ])
         .unwrap();
-        assert_eq!(c.namespace, "team-a");
+        assert_eq!(c.tokens.namespace, "team-a");
         // --namespace wins over the file.
         let c = parse(&[
             "--service-account",
@@ -659,7 +838,7 @@ mod tests {
             "b",
         ])
         .unwrap();
-        assert_eq!(c.namespace, "b");
+        assert_eq!(c.tokens.namespace, "b");
         let missing = dir.path().join("nope");
         let err = parse(&[
             "--service-account",
@@ -779,15 +958,15 @@ mod tests {
             "10m",
         ])
         .unwrap();
-        assert_eq!(c.grpc_listen, ListenAddress::Unix("/tmp/kap.sock".into()));
+        assert_eq!(c.server.grpc, ListenAddress::Unix("/tmp/kap.sock".into()));
         assert_eq!(
-            c.bound_pod,
+            c.tokens.bound_pod,
             Some(BoundPod {
                 name: "p".into(),
                 uid: "u-1".into()
             })
         );
-        assert_eq!(c.token_expiration, Duration::from_secs(600));
+        assert_eq!(c.tokens.expiration, Duration::from_secs(600));
         assert!(matches!(
             parse(&[
                 "--service-account",
@@ -798,7 +977,8 @@ mod tests {
                 "[::1]:9"
             ])
             .unwrap()
-            .grpc_listen,
+            .server
+            .grpc,
             ListenAddress::Tcp(_)
         ));
     }
@@ -813,5 +993,120 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(args).is_err());
         }
+    }
+    #[test]
+    fn every_invalid_flag_is_reported_at_once() {
+        let errors = parse(&[
+            "--namespace",
+            "Bad_NS",
+            "--token-expiration",
+            "1m",
+            "--token-request-timeout",
+            "0s",
+            "--audience-idle-timeout",
+            "0s",
+            "--audience-header",
+            "bad header",
+            "--audience-parameter",
+            "",
+            "--allowed-audience",
+            "[",
+            "--intercept-host",
+            "not a host",
+            "--certificate-validity",
+            "1m",
+            "--grpc-listen-address",
+            "0.0.0.0:1",
+            "--admin-listen-address",
+            "localhost",
+            "--apiserver",
+            "::",
+            "--bind-pod",
+        ])
+        .unwrap_err();
+        let kinds: Vec<&str> = errors
+            .iter()
+            .map(|e| match e {
+                ConfigError::MissingServiceAccount => "service-account",
+                ConfigError::NamespaceFile { .. } => "namespace-file",
+                ConfigError::InvalidName { .. } => "name",
+                ConfigError::ListenAddress { flag, .. } => flag,
+                ConfigError::NotLoopback(_) => "not-loopback",
+                ConfigError::ApiServer(_) => "apiserver",
+                ConfigError::TokenExpiration(_) => "token-expiration",
+                ConfigError::AudienceHeader(_) => "audience-header",
+                ConfigError::AudienceParameter => "audience-parameter",
+                ConfigError::DefaultAudience(_) => "default-audience",
+                ConfigError::AllowedAudience(_) => "allowed-audience",
+                ConfigError::MissingPod => "bind-pod",
+                ConfigError::InterceptHost(_) => "intercept-host",
+                ConfigError::CertificateValidity => "certificate-validity",
+                ConfigError::ZeroDuration(flag) => flag,
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "apiserver",
+                "service-account",
+                "name",
+                "token-expiration",
+                "--token-request-timeout",
+                "bind-pod",
+                "--audience-idle-timeout",
+                "audience-header",
+                "audience-parameter",
+                "allowed-audience",
+                "intercept-host",
+                "certificate-validity",
+                "not-loopback",
+                "--admin-listen-address",
+            ]
+        );
+        // One line per error, so the binary prints each on its own line.
+        assert_eq!(errors.to_string().lines().count(), kinds.len());
+    }
+
+    #[test]
+    fn address_flags_parse_alike() {
+        let base = ["--service-account", "a", "--namespace", "d"];
+        for flag in ["--grpc-listen-address", "--admin-listen-address"] {
+            let mut args = base.to_vec();
+            args.extend([flag, "nope"]);
+            let errors = parse(&args).unwrap_err();
+            assert!(
+                matches!(
+                    errors.iter().collect::<Vec<_>>()[..],
+                    [ConfigError::ListenAddress { flag: f, .. }] if *f == flag
+                ),
+                "{flag}: {errors}"
+            );
+        }
+        let mut args = base.to_vec();
+        args.extend(["--admin-listen-address", "[::1]:0"]);
+        assert_eq!(
+            parse(&args).unwrap().server.admin,
+            "[::1]:0".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn limits_in_help_and_messages_come_from_the_constants() {
+        let limit = humantime::format_duration(MIN_TOKEN_EXPIRATION).to_string();
+        let help = <Cli as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains(&format!("at least {limit}")), "{help}");
+        let errors = parse(&[
+            "--service-account",
+            "a",
+            "--namespace",
+            "d",
+            "--certificate-validity",
+            "5m",
+        ])
+        .unwrap_err();
+        let expected = humantime::format_duration(MIN_CERTIFICATE_VALIDITY).to_string();
+        assert!(errors.to_string().contains(&expected), "{errors}");
     }
 }

@@ -1,4 +1,5 @@
-//! The `kube-audience-proxy` binary: parse, initialise, run.
+//! The `kube-audience-proxy` binary: parse, set up logging, [`run`], and map
+//! the outcome to an exit code (64: fix the configuration; 1: anything else).
 
 // Runtime code never unwraps; tests may.
 #![warn(clippy::unwrap_used, clippy::expect_used)]
@@ -8,91 +9,42 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kube_audience_proxy::config::{Cli, Config};
-use kube_audience_proxy::{kube_client, processor, sds, server, shutdown, telemetry, token_source};
-
-/// EX_USAGE: the configuration is wrong.
-const EXIT_CONFIG: u8 = 64;
-/// The server could not start or failed.
-const EXIT_FAILURE: u8 = 1;
+use kube_audience_proxy::{RunError, run, shutdown, telemetry};
 
 fn main() -> ExitCode {
-    let config = match Config::try_from(Cli::parse()) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("kube-audience-proxy: {error}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("kube-audience-proxy: cannot start the async runtime: {error}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    runtime.block_on(run(config))
-}
-
-async fn run(config: Config) -> ExitCode {
-    if let Err(error) = telemetry::init(config.log_level, config.log_format) {
-        eprintln!("kube-audience-proxy: cannot set up logging: {error}");
-        return ExitCode::from(EXIT_FAILURE);
-    }
-    let client = match kube_client(&config.kube).await {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::error!(%error, "cannot configure the Kubernetes client");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let sds = match sds(&config) {
-        Ok(sds) => sds,
-        Err(error) => {
-            tracing::error!(%error, "cannot set up the interception CA");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    if let Some(ca) = &config.ca {
-        tracing::info!(
-            path = %ca.destination.display(),
-            hosts = config.intercept.patterns().len(),
-            "interception CA certificate written"
-        );
-    }
-    // Before anything is announced: a SIGTERM from now on drains cleanly.
-    let shutdown = shutdown::signal();
-    let listeners = match server::Listeners::bind(&config.grpc_listen, config.admin_listen).await {
-        Ok(listeners) => listeners,
-        Err(error) => {
-            tracing::error!(%error, "cannot start");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    tracing::info!(
-        grpc = %listeners.grpc_address(),
-        admin = %listeners.admin_address(),
-        service_account = %config.service_account,
-        namespace = %config.namespace,
-        "kube-audience-proxy ready"
-    );
-    let source = token_source(client, &config);
-    match server::run(
-        processor(&config, source),
-        sds,
-        listeners,
-        config.shutdown_delay,
-        shutdown,
-    )
-    .await
-    {
+    match start() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(%error, "server failed");
-            ExitCode::from(EXIT_FAILURE)
+            report(&error);
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+fn start() -> Result<(), RunError> {
+    let config = Config::try_from(Cli::parse())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.server.worker_threads)
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    runtime.block_on(async {
+        telemetry::init(config.telemetry).map_err(RunError::Telemetry)?;
+        // Installed before anything is announced: a SIGTERM from now on
+        // drains cleanly instead of killing the process.
+        let shutdown = shutdown::signal();
+        run(config, shutdown).await
+    })
+}
+
+/// Into the log once logging is up (so it keeps the configured format),
+/// else to stderr, one line per error.
+fn report(error: &RunError) {
+    if tracing::dispatcher::has_been_set() {
+        tracing::error!(%error, "kube-audience-proxy failed");
+    } else {
+        for line in error.to_string().lines() {
+            eprintln!("kube-audience-proxy: {line}");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Listeners and the server lifecycle.
 //!
 //! [`Listeners::bind`] binds before anything is spawned (tests bind port 0
-//! and read the address back). [`run`] serves ext_proc and grpc.health.v1 on
+//! and read the address back). [`serve`] serves ext_proc and grpc.health.v1 on
 //! the gRPC listener and the admin endpoints on the admin listener until the
 //! shutdown future completes, then: health goes NOT_SERVING, the processor
 //! keeps serving for the drain delay (so Envoy stops sending first), stops
@@ -39,9 +39,9 @@ pub enum GrpcListener {
 /// Both listeners, bound.
 #[derive(Debug)]
 pub struct Listeners {
-    /// ext_proc + health.
+    /// ext_proc, SDS and gRPC health.
     pub grpc: GrpcListener,
-    /// Admin HTTP.
+    /// `/healthz`, `/readyz`.
     pub admin: TcpListener,
 }
 
@@ -49,20 +49,16 @@ pub struct Listeners {
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     /// The gRPC listener.
-    #[error("cannot listen on {address} for gRPC: {source}")]
+    #[error("cannot listen on {address} for gRPC: {reason}")]
     Grpc {
-        /// The address.
         address: String,
-        /// Why.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// The admin listener.
-    #[error("cannot listen on {address} for the admin endpoints: {source}")]
+    #[error("cannot listen on {address} for the admin endpoints: {reason}")]
     Admin {
-        /// The address.
         address: SocketAddr,
-        /// Why.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
 }
 
@@ -71,7 +67,7 @@ pub enum BindError {
 pub enum ServeError {
     /// The gRPC server.
     #[error("gRPC server failed: {0}")]
-    Grpc(#[from] tonic::transport::Error),
+    Grpc(tonic::transport::Error),
     /// The admin server.
     #[error("admin server failed: {0}")]
     Admin(std::io::Error),
@@ -82,17 +78,17 @@ impl Listeners {
     pub async fn bind(grpc: &ListenAddress, admin: SocketAddr) -> Result<Listeners, BindError> {
         let grpc = match grpc {
             ListenAddress::Tcp(addr) => {
-                GrpcListener::Tcp(TcpListener::bind(addr).await.map_err(|source| {
+                GrpcListener::Tcp(TcpListener::bind(addr).await.map_err(|reason| {
                     BindError::Grpc {
                         address: addr.to_string(),
-                        source,
+                        reason,
                     }
                 })?)
             }
             ListenAddress::Unix(path) => {
-                let grpc_error = |source| BindError::Grpc {
+                let grpc_error = |reason| BindError::Grpc {
                     address: format!("unix:{}", path.display()),
-                    source,
+                    reason,
                 };
                 remove_stale_socket(path).map_err(grpc_error)?;
                 let listener = UnixListener::bind(path).map_err(grpc_error)?;
@@ -101,9 +97,9 @@ impl Listeners {
         };
         let admin = TcpListener::bind(admin)
             .await
-            .map_err(|source| BindError::Admin {
+            .map_err(|reason| BindError::Admin {
                 address: admin,
-                source,
+                reason,
             })?;
         Ok(Listeners { grpc, admin })
     }
@@ -138,7 +134,7 @@ fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
 }
 
 /// Serves until `shutdown` completes, then drains (see the module docs).
-pub async fn run<S: TokenSource>(
+pub async fn serve<S: TokenSource>(
     processor: ExtProc<S>,
     sds: Option<Sds>,
     listeners: Listeners,

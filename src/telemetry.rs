@@ -10,7 +10,7 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::{LogFormat, LogLevel};
+use crate::config::{LogFormat, LogLevel, TelemetrySettings};
 
 /// The level filter for this crate's own events.
 pub fn level_filter(level: LogLevel) -> LevelFilter {
@@ -33,12 +33,9 @@ pub fn filter(level: LogLevel) -> Targets {
 }
 
 /// Installs the global subscriber. Fails if one is installed already.
-pub fn init(
-    level: LogLevel,
-    format: LogFormat,
-) -> Result<(), tracing_subscriber::util::TryInitError> {
-    let registry = tracing_subscriber::registry().with(filter(level));
-    match format {
+pub fn init(settings: TelemetrySettings) -> Result<(), tracing_subscriber::util::TryInitError> {
+    let registry = tracing_subscriber::registry().with(filter(settings.level));
+    match settings.format {
         LogFormat::Logfmt => registry
             .with(
                 tracing_logfmt::builder()

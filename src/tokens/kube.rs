@@ -13,6 +13,7 @@ use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, T
 
 use super::{Error, IssuedToken, TokenSource};
 use crate::audience::Audience;
+use crate::config::{KubeSettings, TokenSettings};
 use crate::secret::Token;
 
 /// Largest TokenRequest answer read (a real one is a few KiB).
@@ -38,22 +39,19 @@ pub struct KubeTokenSource {
 }
 
 impl KubeTokenSource {
-    /// A source for ServiceAccount `service_account` in `namespace`.
-    /// `expiration` is the requested lifetime; `timeout` bounds one call.
-    pub fn new(
-        client: kube::Client,
-        namespace: &str,
-        service_account: &str,
-        expiration: Duration,
-        bound_pod: Option<BoundPod>,
-        timeout: Duration,
-    ) -> KubeTokenSource {
+    /// A source minting per `settings` through `client`.
+    pub fn new(client: kube::Client, settings: &TokenSettings) -> KubeTokenSource {
+        let TokenSettings {
+            namespace,
+            service_account,
+            ..
+        } = settings;
         KubeTokenSource {
             client,
             path: format!("/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"),
-            expiration,
-            bound_pod,
-            timeout,
+            expiration: settings.expiration,
+            bound_pod: settings.bound_pod.clone(),
+            timeout: settings.request_timeout,
         }
     }
 
@@ -107,6 +105,52 @@ impl KubeTokenSource {
         }
         parse_issued(&bytes)
     }
+}
+
+/// The Kubernetes client could not be configured.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The kubeconfig file cannot be read or used.
+    #[error("cannot load kubeconfig {path}: {reason}")]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        reason: kube::config::KubeconfigError,
+    },
+    /// Neither in a cluster nor given a kubeconfig.
+    #[error(
+        "cannot find a Kubernetes configuration (not in a cluster and no --kubeconfig/KUBECONFIG): {0}"
+    )]
+    Infer(kube::config::InferConfigError),
+    /// The configuration is there but the client cannot be built from it.
+    #[error("cannot build the Kubernetes client: {0}")]
+    Client(kube::Error),
+}
+
+/// The kube client for `settings`, with kube's own retries off: the token
+/// cache owns retries (backoff, Retry-After, serve-while-valid), and kube's
+/// retry loop would hide failures and multiply TokenRequests.
+pub async fn client(settings: &KubeSettings) -> Result<kube::Client, ClientError> {
+    let mut config = match &settings.kubeconfig {
+        Some(path) => {
+            let error = |reason| ClientError::Kubeconfig {
+                path: path.clone(),
+                reason,
+            };
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(error)?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .map_err(error)?
+        }
+        None => kube::Config::infer().await.map_err(ClientError::Infer)?,
+    };
+    if let Some(url) = &settings.apiserver {
+        config.cluster_url = url.clone();
+    }
+    config.default_retry = false;
+    kube::Client::try_from(config).map_err(ClientError::Client)
 }
 
 impl TokenSource for KubeTokenSource {

@@ -1,5 +1,6 @@
-//! The processor run in-process through the library (the same `server::run`
-//! the binary calls), on ephemeral loopback ports, with a tonic client.
+//! The processor run in-process through the library (`App::bind` and
+//! `App::serve`: the `run` the binary calls, cut in two to read the bound
+//! ports), on ephemeral loopback ports, with a tonic client.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,7 +13,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
 use kube_audience_proxy::config::{Cli, Config};
-use kube_audience_proxy::server::{self, Listeners, ServeError};
+use kube_audience_proxy::{App, RunError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -24,7 +25,7 @@ pub struct InProcess {
     /// Admin listener.
     pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), ServeError>>>,
+    task: Option<JoinHandle<Result<(), RunError>>>,
 }
 
 /// A tonic channel (TCP_NODELAY) to `target`: `IP:PORT` or `unix:PATH`.
@@ -85,26 +86,13 @@ pub fn config(kubeconfig: &Path, extra: &[&str]) -> Config {
 impl InProcess {
     /// Starts the processor for `config`.
     pub async fn start(config: Config) -> InProcess {
-        let client = kube_audience_proxy::kube_client(&config.kube)
-            .await
-            .unwrap();
-        let source = kube_audience_proxy::token_source(client, &config);
-        let listeners = Listeners::bind(&config.grpc_listen, config.admin_listen)
-            .await
-            .unwrap();
-        let grpc = listeners.grpc_address();
-        let admin = listeners.admin_address().parse().unwrap();
+        let app = App::bind(config).await.unwrap();
+        let grpc = app.grpc_address();
+        let admin = app.admin_address().parse().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let sds = kube_audience_proxy::sds(&config).unwrap();
-        let task = tokio::spawn(server::run(
-            kube_audience_proxy::processor(&config, source),
-            sds,
-            listeners,
-            config.shutdown_delay,
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let task = tokio::spawn(app.serve(async {
+            let _ = stopped.await;
+        }));
         InProcess {
             grpc,
             admin,

@@ -1,0 +1,182 @@
+//! The one entry point: [`run`] assembles the processor from a [`Config`]
+//! (kube client -> token source -> cache -> ext_proc; CA -> SDS), binds the
+//! listeners and serves until the shutdown future completes. The binary, the
+//! in-process tests and (through the binary) the demo and the benchmarks all
+//! go through it.
+//!
+//! [`App::bind`] and [`App::serve`] are `run` cut in two, for callers that
+//! bind port 0 and need the addresses before serving.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::ca::{CaError, CertificateAuthority};
+use crate::config::{Config, ConfigErrors, Interception};
+use crate::ext_proc::ExtProc;
+use crate::sds::Sds;
+use crate::sds::certs::Certificates;
+use crate::server::{self, BindError, Listeners, ServeError};
+use crate::tokens::cache::TokenCache;
+use crate::tokens::kube::{self, ClientError, KubeTokenSource};
+
+/// EX_USAGE: the configuration (flags, files it names) is wrong.
+const EXIT_CONFIG: u8 = 64;
+/// The process could not start or failed while running.
+const EXIT_FAILURE: u8 = 1;
+
+/// Why the processor did not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Invalid flags.
+    #[error(transparent)]
+    Config(#[from] ConfigErrors),
+    /// The async runtime could not be built.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// Logging could not be set up.
+    #[error("cannot set up logging: {0}")]
+    Telemetry(tracing_subscriber::util::TryInitError),
+    /// The kubeconfig or in-cluster configuration is unusable.
+    #[error(transparent)]
+    Kube(#[from] ClientError),
+    /// The interception CA could not be created, loaded or written.
+    #[error("cannot set up the interception CA: {0}")]
+    Ca(CaError),
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The server failed while serving.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+impl RunError {
+    /// The process exit code: 64 when the operator must fix the
+    /// configuration, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Config(_) | RunError::Kube(_) | RunError::Ca(_) => EXIT_CONFIG,
+            RunError::Runtime(_)
+            | RunError::Telemetry(_)
+            | RunError::Bind(_)
+            | RunError::Serve(_) => EXIT_FAILURE,
+        }
+    }
+}
+
+/// Runs the processor for `config` until `shutdown` completes, then drains.
+/// Logging must be set up by the caller.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    App::bind(config).await?.serve(shutdown).await
+}
+
+/// The processor, assembled and bound, not yet serving.
+pub struct App {
+    processor: ExtProc<KubeTokenSource>,
+    sds: Option<Sds>,
+    listeners: Listeners,
+    config: Config,
+}
+
+impl App {
+    /// Builds every part and binds the listeners; logs the ready line
+    /// (`kube-audience-proxy ready grpc=... admin=...`) the tests wait for.
+    pub async fn bind(config: Config) -> Result<App, RunError> {
+        let client = kube::client(&config.kube).await?;
+        let source = KubeTokenSource::new(client, &config.tokens);
+        let sds = match &config.interception {
+            Some(interception) => Some(sds(interception).map_err(RunError::Ca)?),
+            None => None,
+        };
+        let listeners = Listeners::bind(&config.server.grpc, config.server.admin).await?;
+        tracing::info!(
+            grpc = %listeners.grpc_address(),
+            admin = %listeners.admin_address(),
+            service_account = %config.tokens.service_account,
+            namespace = %config.tokens.namespace,
+            "kube-audience-proxy ready"
+        );
+        Ok(App {
+            processor: processor(&config, source),
+            sds,
+            listeners,
+            config,
+        })
+    }
+
+    /// The gRPC address, as `IP:PORT` or `unix:PATH`.
+    pub fn grpc_address(&self) -> String {
+        self.listeners.grpc_address()
+    }
+
+    /// The admin address, as `IP:PORT`.
+    pub fn admin_address(&self) -> String {
+        self.listeners.admin_address()
+    }
+
+    /// Serves until `shutdown` completes, then drains (see `server`).
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        server::serve(
+            self.processor,
+            self.sds,
+            self.listeners,
+            self.config.server.shutdown_delay,
+            shutdown,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn processor(config: &Config, source: KubeTokenSource) -> ExtProc<KubeTokenSource> {
+    let hosts = config
+        .interception
+        .as_ref()
+        .map(|i| i.hosts.clone())
+        .unwrap_or_default();
+    ExtProc::new(
+        config.audience.clone(),
+        TokenCache::new(source, config.cache),
+        config.tokens.on_token_error,
+        hosts,
+    )
+}
+
+/// Creates (or loads) the CA, writes its certificate for the client, and
+/// builds the SDS service minting leaves from it.
+fn sds(interception: &Interception) -> Result<Sds, CaError> {
+    let authority =
+        CertificateAuthority::init(&interception.ca, &interception.hosts, SystemTime::now())?;
+    tracing::info!(
+        path = %interception.ca.destination.display(),
+        hosts = interception.hosts.patterns().len(),
+        "interception CA certificate written"
+    );
+    let certs = Certificates::new(
+        authority,
+        interception.hosts.clone(),
+        interception.certificate_validity,
+        interception.max_certificates,
+    );
+    Ok(Sds::new(Arc::new(certs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_faults_exit_64_and_runtime_faults_exit_1() {
+        let bind = RunError::Bind(BindError::Admin {
+            address: "127.0.0.1:1".parse().unwrap(),
+            reason: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        });
+        assert_eq!(bind.exit_code(), 1);
+        let kube = RunError::Kube(ClientError::Kubeconfig {
+            path: "/nope".into(),
+            reason: ::kube::config::KubeconfigError::FindPath,
+        });
+        assert_eq!(kube.exit_code(), 64);
+    }
+}
