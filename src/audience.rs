@@ -1,8 +1,8 @@
 //! Audience resolution: which audience a request asks for, and what the
 //! request looks like once the audience markers are removed.
 //!
-//! Pure code: no I/O, no clock. The order is documented in README.md and
-//! DESIGN.md; the first source that names an audience wins:
+//! Pure code: no I/O, no clock. The first source that names an audience
+//! wins (README.md, "Choosing the audience"):
 //!
 //! 1. the audience request header (default `x-kubernetes-audience`);
 //! 2. the audience query parameter (default `kubernetes-audience`);

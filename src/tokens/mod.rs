@@ -16,9 +16,9 @@ use crate::secret::Token;
 /// (`status.expirationTimestamp`).
 #[derive(Clone, Debug)]
 pub struct IssuedToken {
-    /// The token itself.
     pub token: Token,
-    /// When the token stops being valid.
+    /// As the API server states it; the cache stops handing the token out
+    /// shortly before, whatever the JWT says (it is never decoded).
     pub expires_at: SystemTime,
 }
 
