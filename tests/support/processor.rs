@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
 
 /// The processor binary: Cargo's path for integration tests; for examples
 /// (the demo), the binary next to the `examples/` folder they are built in.
@@ -35,6 +36,8 @@ pub struct Processor {
     /// The admin listener.
     pub admin: SocketAddr,
     log: Arc<Mutex<String>>,
+    /// The tasks copying stderr and stdout into `log`; each ends at EOF.
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl Processor {
@@ -58,13 +61,14 @@ impl Processor {
         let mut child = command.spawn().expect("spawn kube-audience-proxy");
         let log = Arc::new(Mutex::new(String::new()));
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let mut readers = Vec::new();
         for stream in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
             Box::new(child.stdout.take().unwrap()),
         ] {
             let log = log.clone();
             let ready_tx = ready_tx.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if line.contains("kube-audience-proxy ready") {
@@ -74,7 +78,7 @@ impl Processor {
                     log.push_str(&line);
                     log.push('\n');
                 }
-            });
+            }));
         }
         drop(ready_tx);
         let line = match tokio::time::timeout(Duration::from_secs(20), ready_rx.recv()).await {
@@ -96,6 +100,7 @@ impl Processor {
             grpc,
             admin,
             log,
+            readers,
         }
     }
 
@@ -116,8 +121,13 @@ impl Processor {
             .await
             .expect("the processor exits after SIGTERM")
             .unwrap();
-        // Let the reader tasks drain the pipes.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The pipes close with the process: wait for the readers to reach EOF.
+        for reader in std::mem::take(&mut self.readers) {
+            tokio::time::timeout(Duration::from_secs(20), reader)
+                .await
+                .expect("the log readers reach the end of the pipes")
+                .unwrap();
+        }
         (status, self.logs())
     }
 }
