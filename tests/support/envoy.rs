@@ -136,6 +136,7 @@ impl Envoy {
                     return envoy;
                 }
             }
+            // Polls the admin address file and /listeners under the deadline.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

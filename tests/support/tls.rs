@@ -127,6 +127,8 @@ where
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else {
+                        // Not synchronisation: a failed accept (such as too
+                        // many open files) is retried after a pause, not spun on.
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     };
