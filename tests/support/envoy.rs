@@ -76,7 +76,6 @@ pub struct Envoy {
     child: Child,
     /// The forward proxy listener.
     pub listener: SocketAddr,
-    /// Envoy's admin listener.
     pub admin: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,

@@ -33,7 +33,6 @@ pub struct Processor {
     child: Child,
     /// The gRPC address Envoy uses (`IP:PORT` or `unix:PATH`).
     pub grpc: String,
-    /// The admin listener.
     pub admin: SocketAddr,
     log: Arc<Mutex<String>>,
     /// The tasks copying stderr and stdout into `log`; each ends at EOF.

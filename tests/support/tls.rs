@@ -103,7 +103,6 @@ impl TestCa {
 /// [`spawn_accept_loop`] into the extensions of every request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnInfo {
-    /// The connection is TLS.
     pub tls: bool,
     /// The SNI the client sent (TLS only; clients send none for IP addresses).
     pub sni: Option<String>,

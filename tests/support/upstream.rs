@@ -103,7 +103,6 @@ pub struct Received {
     pub body_len: usize,
     /// Lowercase hex SHA-256 of the body.
     pub body_sha256: String,
-    /// The request arrived over TLS.
     pub tls: bool,
     /// The SNI the client sent (None for plain HTTP, or when the client sent
     /// none, as for an IP address).
