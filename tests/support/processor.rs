@@ -4,11 +4,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// The processor binary: Cargo's path for integration tests; for examples
@@ -34,7 +35,8 @@ pub struct Processor {
     /// The gRPC address Envoy uses (`IP:PORT` or `unix:PATH`).
     pub grpc: String,
     pub admin: SocketAddr,
-    log: Arc<Mutex<String>>,
+    /// Everything logged so far; receivers see every appended line.
+    log: Arc<watch::Sender<String>>,
     /// The tasks copying stderr and stdout into `log`; each ends at EOF.
     readers: Vec<JoinHandle<()>>,
 }
@@ -58,7 +60,7 @@ impl Processor {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = command.spawn().expect("spawn kube-audience-proxy");
-        let log = Arc::new(Mutex::new(String::new()));
+        let log = Arc::new(watch::Sender::new(String::new()));
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let mut readers = Vec::new();
         for stream in [
@@ -73,9 +75,10 @@ impl Processor {
                     if line.contains("kube-audience-proxy ready") {
                         let _ = ready_tx.send(line.clone());
                     }
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
+                    log.send_modify(|log| {
+                        log.push_str(&line);
+                        log.push('\n');
+                    });
                 }
             }));
         }
@@ -84,10 +87,7 @@ impl Processor {
             Ok(Some(line)) => line,
             _ => {
                 let status = child.try_wait().ok().flatten();
-                panic!(
-                    "processor did not start ({status:?}):\n{}",
-                    log.lock().unwrap()
-                );
+                panic!("processor did not start ({status:?}):\n{}", *log.borrow());
             }
         };
         let grpc = field(&line, "grpc").expect("grpc= in the ready line");
@@ -105,7 +105,23 @@ impl Processor {
 
     /// Everything the process logged so far.
     pub fn logs(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.borrow().clone()
+    }
+
+    /// Waits until the log contains `needle` (the process writes its log
+    /// through a pipe, so a line can arrive after the event it reports);
+    /// panics with the log after `deadline`.
+    pub async fn wait_for_log(&self, needle: &str, deadline: Duration) {
+        let mut log = self.log.subscribe();
+        let found = matches!(
+            tokio::time::timeout(deadline, log.wait_for(|log| log.contains(needle))).await,
+            Ok(Ok(_))
+        );
+        assert!(
+            found,
+            "{needle:?} not logged within {deadline:?}:\n{}",
+            self.logs()
+        );
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
