@@ -7,8 +7,12 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
 use support::apiserver::{ApiServerOptions, FakeApiServer};
 use support::processor::Processor;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_kube-audience-proxy"))
@@ -20,6 +24,30 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     (output.status.code().unwrap_or(-1), text)
+}
+
+/// The value a request_headers answer sets `key` to (as `raw_value`,
+/// overwriting any value the client sent).
+fn set_header(answer: &ProcessingResponse, key: &str) -> Option<String> {
+    let Some(Response::RequestHeaders(headers)) = &answer.response else {
+        panic!("expected a request_headers answer, got {answer:?}");
+    };
+    let mutation = headers
+        .response
+        .as_ref()
+        .and_then(|common| common.header_mutation.as_ref())
+        .expect("a header mutation");
+    let option = mutation
+        .set_headers
+        .iter()
+        .find(|option| option.header.as_ref().is_some_and(|h| h.key == key))?;
+    assert_eq!(
+        option.append_action,
+        HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+    );
+    let header = option.header.as_ref()?;
+    assert!(header.value.is_empty(), "{key} is sent as raw_value");
+    Some(String::from_utf8(header.raw_value.clone()).unwrap())
 }
 
 #[test]
@@ -132,6 +160,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient::new(
             channel.clone(),
         );
+    let arrived = api.token_requests_arrived();
     let in_flight = tokio::spawn(async move {
         support::inproc::process_one(
             &mut client,
@@ -140,15 +169,32 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.wait_for_token_requests_arrived(arrived + 1, Duration::from_secs(10))
+        .await;
+    // Watch health before the signal, so the change to NOT_SERVING is seen
+    // as it happens, well within the 1 s drain delay.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let admin = processor.admin;
     let terminated = tokio::spawn(processor.terminate());
-    tokio::time::sleep(Duration::from_millis(300)).await;
     // During the drain delay: health says NOT_SERVING, /readyz 503.
-    assert_eq!(
-        support::inproc::health_status(channel, "").await,
-        tonic_health::pb::health_check_response::ServingStatus::NotServing
-    );
+    let not_serving = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(answer) = health.message().await.unwrap() {
+            if answer.status() == ServingStatus::NotServing {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(not_serving, Ok(true), "health reports NOT_SERVING");
+    // The drain waits for in-flight streams: this one must not hold it up.
+    drop(health);
     let (code, _) = support::curl::get(&format!("http://{admin}/readyz")).await;
     assert_eq!(code, 503);
     // The in-flight request still gets its token.
@@ -156,7 +202,18 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         .await
         .unwrap()
         .expect("the in-flight request is answered");
-    assert!(format!("{answer:?}").contains("authorization"));
+    assert_eq!(set_header(&answer, ":path").as_deref(), Some("/"));
+    let authorization = set_header(&answer, "authorization").expect("authorization is set");
+    let token = authorization
+        .strip_prefix("Bearer ")
+        .expect("the Bearer scheme");
+    let claims = api
+        .verifier()
+        .verify_now(token, Some("slow"))
+        .expect("a valid token from the API server");
+    assert_eq!(claims.aud, ["slow"]);
+    assert_eq!(claims.sub, "system:serviceaccount:demo:app");
+    assert!(api.issued_tokens().iter().any(|issued| issued == token));
     let (status, logs) = terminated.await.unwrap();
     assert!(status.success(), "exit status {status}\n{logs}");
     assert!(

@@ -3,8 +3,12 @@
 
 mod support;
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
+
+use serde::Deserialize as _;
+use serde_yaml::Value;
 
 fn shipped_configs() -> Vec<std::path::PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy");
@@ -57,14 +61,83 @@ fn the_ext_proc_filter_fails_closed_and_sends_headers_only() {
     ] {
         assert_eq!(c["processing_mode"][skipped], "SKIP");
     }
-    // Everything binds loopback.
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml"))
-            .unwrap();
-    for line in text
-        .lines()
-        .filter(|l| l.contains("address:") && l.contains("port_value"))
-    {
-        assert!(line.contains("127.0.0.1"), "non-loopback address: {line}");
+}
+
+/// Every `socket_address` (with its path) in `value` and below.
+fn socket_addresses(value: &Value, path: &str, found: &mut Vec<(String, Value)>) {
+    match value {
+        Value::Mapping(map) => {
+            for (key, child) in map {
+                let key = key
+                    .as_str()
+                    .map_or_else(|| format!("{key:?}"), str::to_owned);
+                let path = format!("{path}.{key}");
+                if key == "socket_address" {
+                    found.push((path.clone(), child.clone()));
+                }
+                socket_addresses(child, &path, found);
+            }
+        }
+        Value::Sequence(items) => {
+            for (i, child) in items.iter().enumerate() {
+                socket_addresses(child, &format!("{path}[{i}]"), found);
+            }
+        }
+        Value::Tagged(tagged) => socket_addresses(&tagged.value, path, found),
+        _ => {}
+    }
+}
+
+/// The `(address, port)` of every `socket_address` in the YAML documents of
+/// `file`, each checked to be an IP literal and a port number.
+fn addresses_in(file: &Path) -> Vec<(String, IpAddr, u16)> {
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut found = Vec::new();
+    for (i, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let document = Value::deserialize(document)
+            .unwrap_or_else(|e| panic!("{}: document {i}: {e}", file.display()));
+        socket_addresses(&document, &format!("{}#{i}", file.display()), &mut found);
+    }
+    found
+        .into_iter()
+        .map(|(path, sa)| {
+            let ip = sa["address"]
+                .as_str()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .unwrap_or_else(|| panic!("{path}: address is not an IP: {sa:?}"));
+            let port = sa["port_value"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or_else(|| panic!("{path}: port_value is not a port: {sa:?}"));
+            (path, ip, port)
+        })
+        .collect()
+}
+
+#[test]
+fn every_shipped_envoy_address_is_loopback() {
+    // deploy/sidecar.yaml carries envoy/envoy.yaml verbatim (tests/deploy.rs).
+    let mut files = shipped_configs();
+    files.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/istio/envoyfilter.yaml"));
+    for file in files {
+        let addresses = addresses_in(&file);
+        assert!(
+            !addresses.is_empty(),
+            "{}: no socket_address",
+            file.display()
+        );
+        for (path, ip, port) in &addresses {
+            assert!(ip.is_loopback(), "{path}: {ip}:{port} is not loopback");
+        }
+    }
+    // The walk sees what the proxy binds and dials: admin, forward proxy,
+    // processor.
+    let envoy_yaml = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml");
+    let ports: Vec<u16> = addresses_in(&envoy_yaml)
+        .into_iter()
+        .map(|(_, _, port)| port)
+        .collect();
+    for port in [9901, 8080, 18080] {
+        assert!(ports.contains(&port), "port {port} not found in {ports:?}");
     }
 }

@@ -6,6 +6,7 @@
 mod support;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use support::apiserver::{ApiServerOptions, FakeApiServer};
 use support::curl;
@@ -259,11 +260,9 @@ async fn names_outside_the_intercept_list_are_never_signed() {
     .await;
     assert_eq!(reply.status, 0, "the handshake fails: {reply:?}");
     assert_eq!(s.upstream.count(), 0);
-    assert!(
-        s.processor.logs().contains("refused a certificate"),
-        "{}",
-        s.processor.logs()
-    );
+    s.processor
+        .wait_for_log("refused a certificate", Duration::from_secs(10))
+        .await;
 }
 
 #[tokio::test]

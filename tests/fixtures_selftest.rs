@@ -536,7 +536,7 @@ async fn upstream_verifies_tokens() {
     assert_eq!(body["path"], "/v1/secret?x=1&y=%2F");
     let received = upstream.last().unwrap();
     assert_eq!(received.method, "POST");
-    assert_eq!(received.version, "HTTP/2.0");
+    assert_eq!(received.version, http::Version::HTTP_2);
     assert_eq!(received.token.as_deref(), Some(good.as_str()));
     assert_eq!(received.header("authorization"), Some("[REDACTED]"));
     assert_eq!(received.body_len, 5);
@@ -704,7 +704,10 @@ async fn upstream_serves_https() {
     let token = upstream_token(&issuer, "vault");
 
     for (host, sni) in [("localhost", Some("localhost")), ("127.0.0.1", None)] {
-        for (flag, version) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2.0")] {
+        for (flag, name, version) in [
+            ("--http1.1", "HTTP/1.1", http::Version::HTTP_11),
+            ("--http2", "HTTP/2.0", http::Version::HTTP_2),
+        ] {
             let url = format!("https://{host}:{port}/v1/secret?x=1");
             let resp = curl(vec![
                 "-v".into(),
@@ -730,7 +733,7 @@ async fn upstream_serves_https() {
             );
             let body = resp.json();
             assert_eq!(body["verdict"]["token"], "valid", "{}", resp.body);
-            assert_eq!(body["version"], version);
+            assert_eq!(body["version"], name);
             assert_eq!(body["path"], "/v1/secret?x=1");
             let received = upstream.last().unwrap();
             assert!(received.tls, "{url} {flag}");
@@ -805,7 +808,10 @@ async fn upstream_https_receives_large_bodies() {
     std::fs::write(&file, &body).unwrap();
     let token = upstream_token(&issuer, "vault");
 
-    for (flag, version) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2.0")] {
+    for (flag, version) in [
+        ("--http1.1", http::Version::HTTP_11),
+        ("--http2", http::Version::HTTP_2),
+    ] {
         let resp = curl(vec![
             "--cacert".into(),
             ca.display().to_string(),

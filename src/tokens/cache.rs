@@ -103,7 +103,7 @@ impl<S: TokenSource> TokenCache<S> {
         Self::with_policy(source, limits, Policy::default())
     }
 
-    /// A cache with an explicit policy (tests use short backoffs).
+    /// A cache with an explicit refresh and retry [`Policy`].
     pub fn with_policy(source: S, limits: Limits, policy: Policy) -> TokenCache<S> {
         let entries = moka::future::Cache::builder()
             .max_capacity(limits.max_audiences)
@@ -215,33 +215,66 @@ mod tests {
     use super::*;
     use std::collections::VecDeque;
     use std::sync::Mutex;
-    use std::sync::atomic::AtomicUsize;
+
+    /// How long a test waits for an expected event: tokio time, so with a
+    /// paused clock a missing event fails at once rather than hanging.
+    const DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
     /// A scripted source: each call pops the next outcome (default: a token
-    /// valid for an hour) and counts calls.
-    #[derive(Clone, Default)]
+    /// valid for an hour) and records, on tokio's clock, when it answered.
+    #[derive(Clone)]
     struct Scripted {
-        calls: Arc<AtomicUsize>,
+        answered: Arc<tokio::sync::watch::Sender<Vec<Instant>>>,
         script: Arc<Mutex<VecDeque<Result<Duration, Error>>>>,
         delay: Duration,
+    }
+
+    impl Default for Scripted {
+        fn default() -> Self {
+            Scripted {
+                answered: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
+                script: Arc::default(),
+                delay: Duration::ZERO,
+            }
+        }
     }
 
     impl Scripted {
         fn push(&self, outcome: Result<Duration, Error>) {
             self.script.lock().unwrap().push_back(outcome);
         }
+
         fn calls(&self) -> usize {
-            self.calls.load(Ordering::SeqCst)
+            self.answered.borrow().len()
+        }
+
+        /// Waits (up to [`DEADLINE`]) until `n` calls have been answered and
+        /// returns when each was. A background refresh acts on an answer in
+        /// the poll in which it gets it (storing the token, or starting its
+        /// backoff sleep), and the test runtime has one thread, so once this
+        /// returns the cache reflects the `n`th answer.
+        async fn wait_for_calls(&self, n: usize) -> Vec<Instant> {
+            let mut answered = self.answered.subscribe();
+            let waited =
+                tokio::time::timeout(DEADLINE, answered.wait_for(|times| times.len() >= n)).await;
+            match waited {
+                Ok(Ok(times)) => times.clone(),
+                _ => panic!("{n} calls expected, {} answered", self.calls()),
+            }
         }
     }
 
     impl TokenSource for Scripted {
         async fn mint(&self, audience: &Audience) -> Result<IssuedToken, Error> {
-            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             if !self.delay.is_zero() {
                 tokio::time::sleep(self.delay).await;
             }
             let next = self.script.lock().unwrap().pop_front();
+            let mut n = 0;
+            self.answered.send_modify(|times| {
+                times.push(Instant::now());
+                n = times.len();
+            });
             let lifetime = next.unwrap_or(Ok(Duration::from_secs(3600)))?;
             Ok(IssuedToken {
                 token: Token::new(format!("{audience}-{n}")).unwrap(),
@@ -261,10 +294,20 @@ mod tests {
         Audience::parse(s.as_bytes(), crate::audience::Source::Default).unwrap()
     }
 
-    async fn settle() {
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
-        }
+    /// Whether a background refresh of `audience` has started (and not
+    /// succeeded yet).
+    async fn refreshing<S: TokenSource>(cache: &TokenCache<S>, audience: &str) -> bool {
+        let entry = cache.entries.get(&aud(audience)).await.expect("cached");
+        entry.refreshing.load(Ordering::Acquire)
+    }
+
+    /// `times` as offsets from `start`.
+    fn since(start: Instant, times: &[Instant]) -> Vec<Duration> {
+        times.iter().map(|t| t.duration_since(start)).collect()
+    }
+
+    fn secs(s: &[u64]) -> Vec<Duration> {
+        s.iter().copied().map(Duration::from_secs).collect()
     }
 
     #[tokio::test(start_paused = true)]
@@ -328,26 +371,31 @@ mod tests {
     async fn refreshes_in_the_background_after_eighty_percent() {
         let source = Scripted::default();
         let cache = TokenCache::new(source.clone(), limits());
+        let start = Instant::now();
         let first = cache.get(&aud("a")).await.unwrap();
-        // Before the refresh point (80 % minus at most 5 % jitter): no call.
+        // Before the refresh point (80 % minus at most 5 % jitter): no refresh.
         tokio::time::advance(Duration::from_secs(2690)).await;
         assert_eq!(cache.get(&aud("a")).await.unwrap(), first);
-        settle().await;
+        assert!(!refreshing(&cache, "a").await);
         assert_eq!(source.calls(), 1);
         // After it: the request is answered with the current token at once
-        // and a single refresh runs behind it.
+        // and a single refresh runs behind it, at once.
         tokio::time::advance(Duration::from_secs(200)).await;
         assert_eq!(cache.get(&aud("a")).await.unwrap(), first);
+        assert!(refreshing(&cache, "a").await);
         assert_eq!(cache.get(&aud("a")).await.unwrap(), first);
-        settle().await;
-        assert_eq!(source.calls(), 2);
+        let times = source.wait_for_calls(2).await;
+        assert_eq!(since(start, &times), secs(&[0, 2890]));
+        assert!(!refreshing(&cache, "a").await, "the refresh succeeded");
         assert_eq!(cache.get(&aud("a")).await.unwrap().expose_secret(), "a-2");
+        assert_eq!(source.calls(), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn failed_refresh_serves_current_token_then_fails_closed() {
         let source = Scripted::default();
         let cache = TokenCache::new(source.clone(), limits());
+        let start = Instant::now();
         let first = cache.get(&aud("a")).await.unwrap();
         for _ in 0..100 {
             source.push(Err(Error::RateLimited {
@@ -356,53 +404,41 @@ mod tests {
         }
         tokio::time::advance(Duration::from_secs(2900)).await;
         assert_eq!(cache.get(&aud("a")).await.unwrap(), first);
-        settle().await;
-        assert_eq!(source.calls(), 2);
-        // Retry-After (100 s) is honoured: nothing before it...
-        tokio::time::advance(Duration::from_secs(99)).await;
-        settle().await;
-        assert_eq!(source.calls(), 2);
-        // ...one retry after it.
-        tokio::time::advance(Duration::from_secs(2)).await;
-        settle().await;
-        assert_eq!(source.calls(), 3);
+        // Retry-After (100 s) is honoured: one retry every 100 s while the
+        // token is usable (until 3570 s); the next (3600 s) would not fit.
+        let times = source.wait_for_calls(8).await;
+        assert_eq!(
+            since(start, &times),
+            secs(&[0, 2900, 3000, 3100, 3200, 3300, 3400, 3500])
+        );
         // Still serving the old token up to 30 s before expiry (3570 s).
-        tokio::time::advance(Duration::from_secs(3569 - 3001)).await;
-        settle().await;
+        tokio::time::advance(start + Duration::from_secs(3569) - Instant::now()).await;
         assert_eq!(cache.get(&aud("a")).await.unwrap(), first);
-        let calls = source.calls();
+        assert_eq!(source.calls(), 8, "no retry after the last that fits");
         // Past that the proxy fails closed (with the API server's error)...
         tokio::time::advance(Duration::from_secs(2)).await;
         let err = cache.get(&aud("a")).await.unwrap_err();
         assert_eq!(err.kind(), "rate_limited");
-        assert_eq!(source.calls(), calls + 1);
+        assert_eq!(source.calls(), 9);
         // ...and recovers as soon as the API server does.
         source.script.lock().unwrap().clear();
-        assert_eq!(
-            cache.get(&aud("a")).await.unwrap().expose_secret(),
-            format!("a-{}", calls + 2)
-        );
+        assert_eq!(cache.get(&aud("a")).await.unwrap().expose_secret(), "a-10");
     }
 
     #[tokio::test(start_paused = true)]
     async fn backoff_grows_between_failed_refreshes() {
         let source = Scripted::default();
         let cache = TokenCache::new(source.clone(), limits());
+        let start = Instant::now();
         cache.get(&aud("a")).await.unwrap();
         for _ in 0..5 {
             source.push(Err(Error::Server { status: 503 }));
         }
         tokio::time::advance(Duration::from_secs(2900)).await;
         cache.get(&aud("a")).await.unwrap();
-        settle().await;
-        let mut seen = vec![source.calls()];
-        for _ in 0..6 {
-            tokio::time::advance(Duration::from_secs(1)).await;
-            settle().await;
-            seen.push(source.calls());
-        }
-        // Attempts at t=0, +1 s, +3 s (1 s then 2 s backoff), next at +7 s.
-        assert_eq!(seen, [2, 3, 3, 4, 4, 4, 4]);
+        // Attempts at t=0, +1 s, +3 s, +7 s (1 s, 2 s, then 4 s backoff).
+        let times = source.wait_for_calls(5).await;
+        assert_eq!(since(start, &times), secs(&[0, 2900, 2901, 2903, 2907]));
     }
 
     #[tokio::test(start_paused = true)]
@@ -425,10 +461,21 @@ mod tests {
             },
         );
         cache.get(&aud("a")).await.unwrap();
-        // moka keeps its own clock, so this waits in real time.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        cache.entries.run_pending_tasks().await;
-        assert!(cache.is_empty());
+        // moka keeps its own clock (tokio's paused clock cannot drive it), so
+        // this polls the cache's entry count, in real time, under a deadline.
+        // Neither run_pending_tasks nor entry_count counts as an access.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            cache.entries.run_pending_tasks().await;
+            if cache.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the idle audience is still cached"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(cache.get(&aud("a")).await.unwrap().expose_secret(), "a-2");
     }
 

@@ -89,6 +89,8 @@ struct State {
     opts: ApiServerOptions,
     jwt: JwtIssuer,
     token_requests: AtomicUsize,
+    /// Requests to the token path, counted on arrival.
+    arrived: watch::Sender<usize>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     audiences: Mutex<HashMap<String, usize>>,
@@ -133,6 +135,7 @@ impl FakeApiServer {
             opts,
             jwt,
             token_requests: AtomicUsize::new(0),
+            arrived: watch::Sender::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             audiences: Mutex::new(HashMap::new()),
@@ -196,6 +199,28 @@ impl FakeApiServer {
     /// Authenticated POSTs to the token path, whatever their outcome.
     pub fn token_requests(&self) -> usize {
         self.state.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests to the token path received so far, counted on arrival:
+    /// before the added latency, authentication or any fault.
+    pub fn token_requests_arrived(&self) -> usize {
+        *self.state.arrived.borrow()
+    }
+
+    /// Waits until `n` requests to the token path have arrived (see
+    /// [`token_requests_arrived`](Self::token_requests_arrived)); panics
+    /// after `deadline`.
+    pub async fn wait_for_token_requests_arrived(&self, n: usize, deadline: Duration) {
+        let mut arrived = self.state.arrived.subscribe();
+        let in_time = matches!(
+            tokio::time::timeout(deadline, arrived.wait_for(|count| *count >= n)).await,
+            Ok(Ok(_))
+        );
+        assert!(
+            in_time,
+            "{n} token requests expected within {deadline:?}, {} arrived",
+            self.token_requests_arrived()
+        );
     }
 
     /// Authenticated token requests that asked for `aud` (a request without
@@ -290,6 +315,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
     let token_target = parse_token_path(&path);
 
     if token_target.is_some() {
+        state.arrived.send_modify(|count| *count += 1);
         let latency = *lock(&state.latency);
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;

@@ -10,7 +10,6 @@ use tokio::process::Command;
 pub struct Reply {
     /// HTTP status (0 when curl failed to get one).
     pub status: u16,
-    /// Response body.
     pub body: String,
     /// curl's stderr (errors).
     pub stderr: String,

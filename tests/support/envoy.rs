@@ -76,7 +76,6 @@ pub struct Envoy {
     child: Child,
     /// The forward proxy listener.
     pub listener: SocketAddr,
-    /// Envoy's admin listener.
     pub admin: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -136,6 +135,7 @@ impl Envoy {
                     return envoy;
                 }
             }
+            // Polls the admin address file and /listeners under the deadline.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

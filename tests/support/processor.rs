@@ -4,11 +4,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// The processor binary: Cargo's path for integration tests; for examples
 /// (the demo), the binary next to the `examples/` folder they are built in.
@@ -32,9 +34,11 @@ pub struct Processor {
     child: Child,
     /// The gRPC address Envoy uses (`IP:PORT` or `unix:PATH`).
     pub grpc: String,
-    /// The admin listener.
     pub admin: SocketAddr,
-    log: Arc<Mutex<String>>,
+    /// Everything logged so far; receivers see every appended line.
+    log: Arc<watch::Sender<String>>,
+    /// The tasks copying stderr and stdout into `log`; each ends at EOF.
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl Processor {
@@ -56,35 +60,34 @@ impl Processor {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = command.spawn().expect("spawn kube-audience-proxy");
-        let log = Arc::new(Mutex::new(String::new()));
+        let log = Arc::new(watch::Sender::new(String::new()));
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let mut readers = Vec::new();
         for stream in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
             Box::new(child.stdout.take().unwrap()),
         ] {
             let log = log.clone();
             let ready_tx = ready_tx.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if line.contains("kube-audience-proxy ready") {
                         let _ = ready_tx.send(line.clone());
                     }
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
+                    log.send_modify(|log| {
+                        log.push_str(&line);
+                        log.push('\n');
+                    });
                 }
-            });
+            }));
         }
         drop(ready_tx);
         let line = match tokio::time::timeout(Duration::from_secs(20), ready_rx.recv()).await {
             Ok(Some(line)) => line,
             _ => {
                 let status = child.try_wait().ok().flatten();
-                panic!(
-                    "processor did not start ({status:?}):\n{}",
-                    log.lock().unwrap()
-                );
+                panic!("processor did not start ({status:?}):\n{}", *log.borrow());
             }
         };
         let grpc = field(&line, "grpc").expect("grpc= in the ready line");
@@ -96,12 +99,29 @@ impl Processor {
             grpc,
             admin,
             log,
+            readers,
         }
     }
 
     /// Everything the process logged so far.
     pub fn logs(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.borrow().clone()
+    }
+
+    /// Waits until the log contains `needle` (the process writes its log
+    /// through a pipe, so a line can arrive after the event it reports);
+    /// panics with the log after `deadline`.
+    pub async fn wait_for_log(&self, needle: &str, deadline: Duration) {
+        let mut log = self.log.subscribe();
+        let found = matches!(
+            tokio::time::timeout(deadline, log.wait_for(|log| log.contains(needle))).await,
+            Ok(Ok(_))
+        );
+        assert!(
+            found,
+            "{needle:?} not logged within {deadline:?}:\n{}",
+            self.logs()
+        );
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
@@ -116,8 +136,13 @@ impl Processor {
             .await
             .expect("the processor exits after SIGTERM")
             .unwrap();
-        // Let the reader tasks drain the pipes.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The pipes close with the process: wait for the readers to reach EOF.
+        for reader in std::mem::take(&mut self.readers) {
+            tokio::time::timeout(Duration::from_secs(20), reader)
+                .await
+                .expect("the log readers reach the end of the pipes")
+                .unwrap();
+        }
         (status, self.logs())
     }
 }

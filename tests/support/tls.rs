@@ -103,7 +103,6 @@ impl TestCa {
 /// [`spawn_accept_loop`] into the extensions of every request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnInfo {
-    /// The connection is TLS.
     pub tls: bool,
     /// The SNI the client sent (TLS only; clients send none for IP addresses).
     pub sni: Option<String>,
@@ -127,6 +126,8 @@ where
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else {
+                        // Not synchronisation: a failed accept (such as too
+                        // many open files) is retried after a pause, not spun on.
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     };

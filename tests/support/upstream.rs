@@ -94,8 +94,7 @@ pub struct Received {
     pub path: String,
     /// `:authority` (HTTP/2) or `Host` (HTTP/1.1).
     pub authority: Option<String>,
-    /// `"HTTP/1.1"`, `"HTTP/2.0"`, ...
-    pub version: String,
+    pub version: http::Version,
     /// All headers in order; the `authorization` value is replaced by `[REDACTED]`.
     pub headers: Vec<(String, String)>,
     /// The raw bearer token, for assertions only (never print it).
@@ -104,7 +103,6 @@ pub struct Received {
     pub body_len: usize,
     /// Lowercase hex SHA-256 of the body.
     pub body_sha256: String,
-    /// The request arrived over TLS.
     pub tls: bool,
     /// The SNI the client sent (None for plain HTTP, or when the client sent
     /// none, as for an IP address).
@@ -289,7 +287,7 @@ async fn handle(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<F
                 .get(http::header::HOST)
                 .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
         });
-    let version = format!("{:?}", parts.version);
+    let version = parts.version;
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
@@ -332,7 +330,7 @@ async fn handle(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<F
         "method": method,
         "path": path,
         "authority": authority,
-        "version": version,
+        "version": version_name(version),
         "verdict": verdict.to_json(),
         "headers": headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         "body_len": body.len(),
@@ -403,4 +401,16 @@ fn json_response(code: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// How the echo body names an HTTP version.
+fn version_name(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "unknown",
+    }
 }
