@@ -260,9 +260,7 @@ fn name_constraints(hosts: &InterceptHosts) -> Option<NameConstraints> {
         .iter()
         .map(|p| match p {
             HostPattern::Exact(name) => GeneralSubtree::DnsName(name.clone()),
-            HostPattern::Suffix(suffix) => {
-                GeneralSubtree::DnsName(suffix.trim_start_matches('.').to_owned())
-            }
+            HostPattern::Suffix(suffix) => GeneralSubtree::DnsName(suffix.clone()),
             HostPattern::Ip(ip) => {
                 let prefix = if ip.is_ipv4() { 32 } else { 128 };
                 GeneralSubtree::IpAddress(rcgen::CidrSubnet::from_addr_prefix(*ip, prefix))

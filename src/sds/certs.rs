@@ -222,10 +222,7 @@ impl Certificates {
             return Err(Refusal::NotIntercepted);
         }
         match host {
-            Host::Name(dns) => Ok((
-                Some(dns.trim_end_matches('.').to_ascii_lowercase()),
-                Vec::new(),
-            )),
+            Host::Name(dns) => Ok((Some(dns.to_ascii_lowercase()), Vec::new())),
             Host::Ip(ip) => Ok((None, vec![ip])),
         }
     }
