@@ -55,12 +55,9 @@ fn current_thread() -> tokio::runtime::Runtime {
 /// Serves SDS and health on 127.0.0.1 until `stop` fires.
 async fn serve(max_names: usize, stop: oneshot::Receiver<()>) -> SocketAddr {
     let hosts = InterceptHosts::new(["*.example.test"]).unwrap();
-    let ca = CertificateAuthority::generate(
-        &hosts,
-        Duration::from_secs(86_400 * 30),
-        SystemTime::now(),
-    )
-    .unwrap();
+    let ca =
+        CertificateAuthority::generate(&hosts, Duration::from_secs(86_400 * 30), SystemTime::now())
+            .unwrap();
     let certs = Certificates::new(ca, hosts, Duration::from_secs(86_400), max_names);
     let sds = Sds::new(Arc::new(certs));
     let (_reporter, health) = tonic_health::server::health_reporter();
