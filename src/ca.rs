@@ -197,7 +197,9 @@ impl CertificateAuthority {
     }
 
     /// Signs a leaf for `dns_names` and `ips`, valid for `validity` (never
-    /// beyond the CA's own end).
+    /// beyond the CA's own end). CPU-bound (a key generation and a
+    /// signature, about a millisecond): async callers run it on the blocking
+    /// pool, as `sds::certs` does.
     pub fn mint_leaf(
         &self,
         dns_names: &[&str],

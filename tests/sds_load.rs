@@ -21,7 +21,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
@@ -32,7 +31,7 @@ use kube_audience_proxy::intercept::InterceptHosts;
 use kube_audience_proxy::sds::Sds;
 use kube_audience_proxy::sds::certs::Certificates;
 use prost::Name;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -158,40 +157,36 @@ fn health_latency_during_a_mint_burst() {
     let address = server.block_on(serve(names + 1, stopped));
 
     // The prober runs on its own thread and runtime, so only the server's
-    // runtime is shared with the minting.
-    let bursting = Arc::new(AtomicBool::new(false));
+    // runtime is shared with the minting. `bursting` says when the burst
+    // starts and ends.
+    let (bursting_tx, mut bursting) = watch::channel(false);
     let (idle_done_tx, idle_done_rx) = std::sync::mpsc::channel();
-    let prober = {
-        let bursting = bursting.clone();
-        std::thread::spawn(move || {
-            current_thread().block_on(async move {
-                let mut health = HealthClient::new(channel(address).await);
-                for _ in 0..50 {
-                    check(&mut health).await; // warm up
-                }
-                let mut idle = Vec::new();
-                for _ in 0..300 {
-                    idle.push(check(&mut health).await);
-                }
-                idle_done_tx.send(()).unwrap();
-                while !bursting.load(Ordering::Acquire) {
-                    tokio::task::yield_now().await;
-                }
-                let mut during = Vec::new();
-                while bursting.load(Ordering::Acquire) {
-                    during.push(check(&mut health).await);
-                }
-                (idle, during)
-            })
+    let prober = std::thread::spawn(move || {
+        current_thread().block_on(async move {
+            let mut health = HealthClient::new(channel(address).await);
+            for _ in 0..50 {
+                check(&mut health).await; // warm up
+            }
+            let mut idle = Vec::new();
+            for _ in 0..300 {
+                idle.push(check(&mut health).await);
+            }
+            idle_done_tx.send(()).unwrap();
+            bursting.wait_for(|on| *on).await.unwrap();
+            let mut during = Vec::new();
+            while *bursting.borrow() {
+                during.push(check(&mut health).await);
+            }
+            (idle, during)
         })
-    };
+    });
 
     idle_done_rx.recv().unwrap();
     let burst = current_thread().block_on(async move {
         let all: Vec<String> = (0..names).map(|i| format!("n{i}.example.test")).collect();
         let per_stream = all.len().div_ceil(streams);
         let start = Instant::now();
-        bursting.store(true, Ordering::Release);
+        bursting_tx.send_replace(true);
         let tasks: Vec<_> = all
             .chunks(per_stream)
             .map(|names| tokio::spawn(subscribe_all(address, names.to_vec(), batch)))
@@ -200,7 +195,7 @@ fn health_latency_during_a_mint_burst() {
             task.await.unwrap();
         }
         let elapsed = start.elapsed();
-        bursting.store(false, Ordering::Release);
+        bursting_tx.send_replace(false);
         elapsed
     });
     let (idle, during) = prober.join().unwrap();
