@@ -22,7 +22,7 @@ use rcgen::{
 };
 
 use crate::intercept::{HostPattern, InterceptHosts};
-use crate::secret::KeyPem;
+use crate::secret::{KeyPem, Redacted};
 
 /// Tolerated clock skew: certificates are valid from this long ago.
 const BACKDATE: Duration = Duration::from_secs(300);
@@ -84,19 +84,13 @@ pub struct Leaf {
     pub not_after: SystemTime,
 }
 
-/// The CA. Holds the private key; it has no `Debug` that could print it.
+/// The CA. Its signing key sits in the [`Redacted`] issuer, so the derived
+/// `Debug` shows the (public) certificate and never the key.
+#[derive(Debug)]
 pub struct CertificateAuthority {
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Redacted<Issuer<'static, KeyPair>>,
     cert_pem: String,
     not_after: SystemTime,
-}
-
-impl std::fmt::Debug for CertificateAuthority {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority")
-            .field("key", &"[REDACTED]")
-            .finish_non_exhaustive()
-    }
 }
 
 impl CertificateAuthority {
@@ -112,7 +106,11 @@ impl CertificateAuthority {
                 (true, true) => CertificateAuthority::load(key, cert)?,
                 (false, false) => {
                     let ca = CertificateAuthority::generate(hosts, settings.validity, now)?;
-                    write_atomically(key, ca.issuer.key().serialize_pem().as_bytes(), 0o600)?;
+                    write_atomically(
+                        key,
+                        ca.issuer.expose_secret().key().serialize_pem().as_bytes(),
+                        0o600,
+                    )?;
                     write_atomically(cert, ca.cert_pem.as_bytes(), 0o644)?;
                     ca
                 }
@@ -161,7 +159,7 @@ impl CertificateAuthority {
         let cert = params.self_signed(&key)?;
         Ok(CertificateAuthority {
             cert_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
+            issuer: Redacted::new(Issuer::new(params, key)),
             not_after,
         })
     }
@@ -187,7 +185,7 @@ impl CertificateAuthority {
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| unusable(format!("key and certificate do not match ({e})")))?;
         Ok(CertificateAuthority {
-            issuer,
+            issuer: Redacted::new(issuer),
             cert_pem,
             not_after,
         })
@@ -199,7 +197,9 @@ impl CertificateAuthority {
     }
 
     /// Signs a leaf for `dns_names` and `ips`, valid for `validity` (never
-    /// beyond the CA's own end).
+    /// beyond the CA's own end). CPU-bound (a key generation and a
+    /// signature, about a millisecond): async callers run it on the blocking
+    /// pool, as `sds::certs` does.
     pub fn mint_leaf(
         &self,
         dns_names: &[&str],
@@ -225,7 +225,7 @@ impl CertificateAuthority {
         let not_after = (now + validity).min(self.not_after);
         params.not_before = (now - BACKDATE).into();
         params.not_after = not_after.into();
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = params.signed_by(&key, self.issuer.expose_secret())?;
         let mut chain_pem = cert.pem();
         chain_pem.push_str(&self.cert_pem);
         Ok(Leaf {
@@ -260,9 +260,7 @@ fn name_constraints(hosts: &InterceptHosts) -> Option<NameConstraints> {
         .iter()
         .map(|p| match p {
             HostPattern::Exact(name) => GeneralSubtree::DnsName(name.clone()),
-            HostPattern::Suffix(suffix) => {
-                GeneralSubtree::DnsName(suffix.trim_start_matches('.').to_owned())
-            }
+            HostPattern::Suffix(suffix) => GeneralSubtree::DnsName(suffix.clone()),
             HostPattern::Ip(ip) => {
                 let prefix = if ip.is_ipv4() { 32 } else { 128 };
                 GeneralSubtree::IpAddress(rcgen::CidrSubnet::from_addr_prefix(*ip, prefix))
@@ -349,10 +347,12 @@ mod tests {
             .collect();
         assert_eq!(files, ["ca.crt"], "no key or temporary file left behind");
         assert!(!written.contains("PRIVATE KEY"));
-        assert_eq!(
-            format!("{ca:?}"),
-            "CertificateAuthority { key: \"[REDACTED]\", .. }"
-        );
+        let key_pem = ca.issuer.expose_secret().key().serialize_pem();
+        let shown = format!("{ca:?}");
+        assert!(shown.contains("[REDACTED]"), "{shown}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+        let key_body = key_pem.lines().nth(1).unwrap();
+        assert!(!shown.contains(key_body), "{shown}");
 
         let (_, pem) = x509_parser::pem::parse_x509_pem(written.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();

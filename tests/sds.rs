@@ -77,10 +77,19 @@ async fn next(responses: &mut tonic::Streaming<DeltaDiscoveryResponse>) -> Delta
         .unwrap()
 }
 
-/// Nothing arrives on the stream for a little while (bounded).
-async fn silent(responses: &mut tonic::Streaming<DeltaDiscoveryResponse>) {
-    let got = tokio::time::timeout(Duration::from_millis(300), responses.message()).await;
-    assert!(got.is_err(), "unexpected answer: {got:?}");
+/// The requests sent so far got no answer: a probe subscription sent now is
+/// answered next. A stream answers in order, so an answer to anything sent
+/// before the probe would arrive first and fail the check.
+async fn silent(
+    tx: &mpsc::Sender<DeltaDiscoveryRequest>,
+    responses: &mut tonic::Streaming<DeltaDiscoveryResponse>,
+    probe: &str,
+) {
+    tx.send(subscribe(&[probe])).await.unwrap();
+    let answer = next(responses).await;
+    let names: Vec<&str> = answer.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, [probe], "unexpected answer: {answer:?}");
+    assert!(answer.removed_resources.is_empty(), "{answer:?}");
 }
 
 /// Decodes a secret and checks its leaf: SANs, issuer = the CA, a key.
@@ -150,7 +159,7 @@ async fn delta_first_response_ack_nack_and_refusal() {
     })
     .await
     .unwrap();
-    silent(&mut responses).await;
+    silent(&tx, &mut responses, "probe-1.example.com").await;
 
     // A refused name is removed at once; a NACK of that answer gets no resend.
     tx.send(subscribe(&["evil.test"])).await.unwrap();
@@ -170,7 +179,7 @@ async fn delta_first_response_ack_nack_and_refusal() {
     })
     .await
     .unwrap();
-    silent(&mut responses).await;
+    silent(&tx, &mut responses, "probe-2.example.com").await;
 
     // Another stream for the same name gets the same (cached) certificate.
     let (tx2, mut responses2) = delta(&s).await;
@@ -251,7 +260,9 @@ async fn state_of_the_world_and_fetch() {
         .unwrap();
     assert_eq!(first.resources.len(), 1, "only the name that may be minted");
     check_secret(&first.resources[0], &s.ca_pem, "localhost", "localhost");
-    // ACK: silence.
+    // ACK: silence. The answer to the next request (a new name) comes
+    // next, with both names; an answer to the ACK would have come first,
+    // with one.
     tx.send(request(
         &["localhost", "evil.test"],
         &first.version_info,
@@ -259,9 +270,6 @@ async fn state_of_the_world_and_fetch() {
     ))
     .await
     .unwrap();
-    let got = tokio::time::timeout(Duration::from_millis(300), responses.message()).await;
-    assert!(got.is_err(), "{got:?}");
-    // A new name: a new answer with both.
     tx.send(request(
         &["localhost", "a.example.com"],
         &first.version_info,

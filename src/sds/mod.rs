@@ -11,15 +11,14 @@
 //!   names that may be minted; SotW has no way to refuse a name.
 //!
 //! ACK/NACK: every response carries a nonce; Envoy's next request echoes it,
-//! with `error_detail` set for a NACK. A NACK is logged and counted; the
-//! same resource is not sent again until it changes (no resend loops).
+//! with `error_detail` set for a NACK. A NACK is logged; the same resource
+//! is not sent again until it changes (no resend loops).
 
 pub mod certs;
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -41,7 +40,6 @@ use certs::Certificates;
 #[derive(Clone)]
 pub struct Sds {
     certs: Arc<Certificates>,
-    nacks: Arc<AtomicU64>,
     closing: Arc<watch::Sender<bool>>,
 }
 
@@ -50,7 +48,6 @@ impl Sds {
     pub fn new(certs: Arc<Certificates>) -> Sds {
         Sds {
             certs,
-            nacks: Arc::new(AtomicU64::new(0)),
             closing: Arc::new(watch::Sender::new(false)),
         }
     }
@@ -76,28 +73,16 @@ impl Sds {
         let (tx, rx) = mpsc::channel(4);
         let env = StreamEnv {
             certs: self.certs.clone(),
-            nacks: self.nacks.clone(),
             closing: self.closing.subscribe(),
         };
         tokio::spawn(serve(env, tx));
         Response::new(Box::pin(ReceiverStream::new(rx)))
-    }
-
-    /// NACKs received so far.
-    pub fn nacks(&self) -> u64 {
-        self.nacks.load(Ordering::Relaxed)
-    }
-
-    /// The certificate store.
-    pub fn certificates(&self) -> &Arc<Certificates> {
-        &self.certs
     }
 }
 
 /// What every stream loop shares with the service.
 struct StreamEnv {
     certs: Arc<Certificates>,
-    nacks: Arc<AtomicU64>,
     closing: watch::Receiver<bool>,
 }
 
@@ -113,13 +98,12 @@ fn check_type(type_url: &str) -> Result<(), Status> {
 }
 
 /// Records an ACK or NACK carried by a request.
-fn note_ack(nacks: &AtomicU64, nonce: &str, error: Option<&envoy_types::pb::google::rpc::Status>) {
+fn note_ack(nonce: &str, error: Option<&envoy_types::pb::google::rpc::Status>) {
     if nonce.is_empty() {
         return;
     }
     match error {
         Some(error) => {
-            nacks.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(nonce, code = error.code, message = %error.message, "Envoy rejected a secret (NACK)");
         }
         None => tracing::trace!(nonce, "Envoy accepted a secret (ACK)"),
@@ -235,11 +219,7 @@ impl<'a> DeltaStream<'a> {
 }
 
 async fn serve_delta(
-    StreamEnv {
-        certs,
-        nacks,
-        mut closing,
-    }: StreamEnv,
+    StreamEnv { certs, mut closing }: StreamEnv,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 ) {
@@ -253,7 +233,7 @@ async fn serve_delta(
         let response = tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(request)) => {
-                    note_ack(&nacks, &request.response_nonce, request.error_detail.as_ref());
+                    note_ack(&request.response_nonce, request.error_detail.as_ref());
                     match stream.on_request(request).await {
                         Ok(response) => response.map(Ok),
                         Err(status) => Some(Err(status)),
@@ -292,11 +272,7 @@ async fn sleep_until(at: Option<Instant>) {
 // === impl state of the world ===
 
 async fn serve_sotw(
-    StreamEnv {
-        certs,
-        nacks,
-        mut closing,
-    }: StreamEnv,
+    StreamEnv { certs, mut closing }: StreamEnv,
     mut inbound: Streaming<DiscoveryRequest>,
     out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) {
@@ -311,7 +287,7 @@ async fn serve_sotw(
                         let _ = out.send(Err(status)).await;
                         return;
                     }
-                    note_ack(&nacks, &request.response_nonce, request.error_detail.as_ref());
+                    note_ack(&request.response_nonce, request.error_detail.as_ref());
                     let mut requested = request.resource_names;
                     requested.sort();
                     requested.dedup();
