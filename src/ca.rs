@@ -43,35 +43,35 @@ pub struct CaSettings {
 pub enum CaError {
     /// Generating or signing failed.
     #[error("cannot create a certificate: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(rcgen::Error),
     /// A file could not be read or written.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {reason}")]
     File {
-        /// What was attempted.
+        /// What was attempted, e.g. "cannot write".
         action: &'static str,
-        /// The file.
         path: PathBuf,
-        /// Why it failed.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// Only one of the two persisted files exists.
     #[error(
         "--ca-key-file {key} and --ca-cert-file {cert} must both exist (to load the CA) or both be absent (to create it)"
     )]
-    HalfPersisted {
-        /// Key file.
-        key: PathBuf,
-        /// Certificate file.
-        cert: PathBuf,
-    },
+    HalfPersisted { key: PathBuf, cert: PathBuf },
     /// The loaded files do not form a usable CA.
     #[error("the CA in {path} is unusable: {reason}")]
     Unusable {
         /// The certificate file.
         path: PathBuf,
-        /// Why.
         reason: String,
     },
+}
+
+// The reason is interpolated into the message, so it is not also a
+// `source` (an error chain printer would show it twice).
+impl From<rcgen::Error> for CaError {
+    fn from(error: rcgen::Error) -> CaError {
+        CaError::Generate(error)
+    }
 }
 
 /// A minted leaf: certificate chain (leaf, then CA) and its private key.
@@ -167,10 +167,10 @@ impl CertificateAuthority {
     /// Loads a CA from PEM files.
     pub fn load(key_path: &Path, cert_path: &Path) -> Result<CertificateAuthority, CaError> {
         let read = |path: &Path| {
-            fs::read_to_string(path).map_err(|source| CaError::File {
+            fs::read_to_string(path).map_err(|reason| CaError::File {
                 action: "cannot read",
                 path: path.to_owned(),
-                source,
+                reason,
             })
         };
         let key_pem = read(key_path)?;
@@ -284,10 +284,10 @@ fn random_serial() -> SerialNumber {
 /// and a rename, so a reader never sees a partial file; `mode` is set before
 /// any byte is written.
 pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let error = |action, source| CaError::File {
+    let error = |action, reason| CaError::File {
         action,
         path: path.to_owned(),
-        source,
+        reason,
     };
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -310,9 +310,9 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), C
         file.sync_all()?;
         fs::rename(&tmp, path)
     })();
-    if let Err(source) = result {
+    if let Err(reason) = result {
         let _ = fs::remove_file(&tmp);
-        return Err(error("cannot write", source));
+        return Err(error("cannot write", reason));
     }
     Ok(())
 }
