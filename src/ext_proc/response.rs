@@ -253,6 +253,40 @@ mod tests {
     }
 
     #[test]
+    fn the_token_overwrites_authorization_before_the_path() {
+        let token = Token::new("abc.def".into()).unwrap();
+        let resp = inject(
+            &token,
+            Mutation {
+                remove: Some("x-kubernetes-audience"),
+                path: Some(b"/p".to_vec()),
+            },
+        );
+        let m = mutation_of(&resp);
+        let set: Vec<_> = m
+            .set_headers
+            .iter()
+            .map(|o| {
+                let h = o.header.as_ref().unwrap();
+                assert!(h.value.is_empty(), "raw_value only");
+                assert_eq!(
+                    o.append_action,
+                    HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+                );
+                (h.key.as_str(), h.raw_value.as_slice())
+            })
+            .collect();
+        assert_eq!(
+            set,
+            [
+                (TOKEN_HEADER, &b"Bearer abc.def"[..]),
+                (":path", &b"/p"[..])
+            ]
+        );
+        assert_eq!(m.remove_headers, ["x-kubernetes-audience"]);
+    }
+
+    #[test]
     fn no_mutation_means_plain_continue() {
         let resp = request_headers(Mutation::default());
         let Some(Response::RequestHeaders(h)) = resp.response else {
