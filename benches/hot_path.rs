@@ -1,6 +1,6 @@
 //! Per-request work of the processor on the cache-hit path, without the
-//! network: audience resolution, `:path` rewrite, token lookup and building
-//! (and encoding) the answer.
+//! network: header scan, decision (audience resolution, `:path` rewrite),
+//! token lookup and building (and prost-encoding) the answer.
 //!
 //! `cargo bench --bench hot_path`; results are summarised in BENCHMARKS.md.
 
@@ -109,7 +109,8 @@ fn hot_path(c: &mut Criterion) {
                     .handle(m, &context)
                     .await
                     .unwrap()
-                    .encode(&mut buf);
+                    .encode(&mut buf)
+                    .unwrap();
                 buf
             },
             BatchSize::SmallInput,

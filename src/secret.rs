@@ -2,13 +2,13 @@
 //!
 //! A bound ServiceAccount token is a credential: whoever holds it can call the
 //! audience it was minted for. These types make sure it cannot reach a log
-//! line, an error message or a metric by accident: `Debug` and `Display` print
-//! a placeholder, there is no `Serialize`, and the value is only reachable
-//! through an explicit, greppable [`Token::expose_secret`] /
-//! [`Token::bearer_header_value`].
+//! line, an error message or a metric by accident: every secret sits in a
+//! [`Redacted`], whose `Debug` and `Display` print a placeholder, there is no
+//! `Serialize`, and the value is only reachable through an explicit,
+//! greppable `expose_secret` / [`Token::bearer_header_value`].
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -16,26 +16,9 @@ const REDACTED: &str = "[REDACTED]";
 
 /// A bearer token. Cheap to clone: the header value `Bearer <token>` is built
 /// once when the token arrives and shared by every request that uses it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    /// `Bearer <token>`, the exact bytes written into the header mutation.
-    bearer: Bytes,
-    /// A wire encoding derived from `bearer` once, shared by every request
-    /// that uses this token (see `ext_proc::wire`).
-    encoded: OnceLock<Bytes>,
-}
-
-impl PartialEq for Inner {
-    fn eq(&self, other: &Self) -> bool {
-        self.bearer == other.bearer
-    }
-}
-
-impl Eq for Inner {}
+/// `Debug` prints `Token([REDACTED])`; there is no `Display`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Token(Redacted<Bytes>);
 
 const BEARER_PREFIX: &str = "Bearer ";
 
@@ -51,47 +34,20 @@ impl Token {
         let mut bearer = String::with_capacity(BEARER_PREFIX.len() + token.len());
         bearer.push_str(BEARER_PREFIX);
         bearer.push_str(&token);
-        Some(Token {
-            inner: Arc::new(Inner {
-                bearer: Bytes::from(bearer),
-                encoded: OnceLock::new(),
-            }),
-        })
+        Some(Token(Redacted::new(Bytes::from(bearer))))
     }
 
     /// The raw token. Only for writing it where it belongs.
     pub fn expose_secret(&self) -> &str {
         // The prefix is ASCII and the token was checked to be ASCII, so the
         // slice is on a char boundary and valid UTF-8.
-        std::str::from_utf8(&self.inner.bearer[BEARER_PREFIX.len()..]).unwrap_or_default()
+        std::str::from_utf8(&self.bearer_header_value()[BEARER_PREFIX.len()..]).unwrap_or_default()
     }
 
-    /// `Bearer <token>`, shared (no copy of the token per call).
+    /// `Bearer <token>`, shared (no copy of the token per call). Only for
+    /// writing it into the `authorization` header.
     pub fn bearer_header_value(&self) -> &Bytes {
-        &self.inner.bearer
-    }
-
-    /// An encoding of the bearer header value built by `encode` on first
-    /// use and then shared for the token's lifetime. Only `ext_proc::wire`
-    /// uses it; it is as secret as the token.
-    pub fn encoded_with(&self, encode: impl FnOnce(&Bytes) -> Bytes) -> &Bytes {
-        self.inner
-            .encoded
-            .get_or_init(|| encode(&self.inner.bearer))
-    }
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(")?;
-        f.write_str(REDACTED)?;
-        f.write_str(")")
-    }
-}
-
-impl fmt::Display for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(REDACTED)
+        self.0.expose_secret()
     }
 }
 
@@ -153,14 +109,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn debug_and_display_never_show_the_token() {
+    fn debug_never_shows_the_token() {
         let token = Token::new("eyJhbGciOiJSUzI1NiJ9.secret-part.sig".into()).unwrap();
         assert_eq!(format!("{token:?}"), "Token([REDACTED])");
-        assert_eq!(format!("{token}"), "[REDACTED]");
         assert_eq!(
             format!("{:#?}", Some(&token)),
-            "Some(\n    Token([REDACTED]),\n)"
+            "Some(\n    Token(\n        [REDACTED],\n    ),\n)"
         );
+        for shown in [format!("{token:?}"), format!("{:#?}", Some(&token))] {
+            assert!(!shown.contains("secret-part"), "{shown}");
+        }
         assert_eq!(
             token.expose_secret(),
             "eyJhbGciOiJSUzI1NiJ9.secret-part.sig"
@@ -169,6 +127,15 @@ mod tests {
             token.bearer_header_value().as_ref(),
             b"Bearer eyJhbGciOiJSUzI1NiJ9.secret-part.sig"
         );
+    }
+
+    #[test]
+    fn redacted_hides_any_value() {
+        let key = KeyPem::new("-----BEGIN PRIVATE KEY-----\nsecret\n".into());
+        assert_eq!(format!("{key:?}"), "KeyPem([REDACTED])");
+        assert_eq!(format!("{key}"), "[REDACTED]");
+        let bytes = Redacted::new(Bytes::from_static(b"secret"));
+        assert_eq!(format!("{bytes:?} {bytes}"), "[REDACTED] [REDACTED]");
     }
 
     #[test]

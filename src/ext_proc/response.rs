@@ -16,11 +16,14 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 
 use crate::audience::Rejection;
+use crate::secret::Token;
 use crate::tokens;
 
-/// What to change in the request headers when no token is added (the
-/// token-carrying answer is `wire::Injection`).
-#[derive(Debug, Default)]
+/// The header the token is written into (overwriting any the client sent).
+pub const TOKEN_HEADER: &str = "authorization";
+
+/// What to change in the request headers besides the token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Mutation<'a> {
     /// Header to remove (the audience header).
     pub remove: Option<&'a str>,
@@ -28,16 +31,26 @@ pub struct Mutation<'a> {
     pub path: Option<Vec<u8>>,
 }
 
-/// A `request_headers` answer: CONTINUE, with the mutation if there is one.
+/// A `request_headers` answer without a token: CONTINUE, with the mutation
+/// if there is one.
 pub fn request_headers(mutation: Mutation<'_>) -> ProcessingResponse {
-    let mut set_headers = Vec::new();
-    if let Some(path) = mutation.path {
-        set_headers.push(overwrite(":path", path));
-    }
-    let remove_headers = mutation
-        .remove
-        .map(|h| vec![h.to_owned()])
-        .unwrap_or_default();
+    continue_with(None, mutation)
+}
+
+/// A `request_headers` answer that sets `authorization: Bearer <token>`
+/// (overwriting a client-sent one) and applies `mutation`. The one place a
+/// token leaves the processor.
+pub fn inject(token: &Token, mutation: Mutation<'_>) -> ProcessingResponse {
+    let bearer = overwrite(TOKEN_HEADER, token.bearer_header_value().to_vec());
+    continue_with(Some(bearer), mutation)
+}
+
+fn continue_with(token: Option<HeaderValueOption>, mutation: Mutation<'_>) -> ProcessingResponse {
+    let set_headers: Vec<_> = token
+        .into_iter()
+        .chain(mutation.path.map(|path| overwrite(":path", path)))
+        .collect();
+    let remove_headers: Vec<_> = mutation.remove.map(str::to_owned).into_iter().collect();
     let header_mutation = if set_headers.is_empty() && remove_headers.is_empty() {
         None
     } else {
@@ -46,20 +59,21 @@ pub fn request_headers(mutation: Mutation<'_>) -> ProcessingResponse {
             remove_headers,
         })
     };
-    ProcessingResponse {
-        response: Some(Response::RequestHeaders(HeadersResponse {
-            response: Some(CommonResponse {
-                header_mutation,
-                ..Default::default()
-            }),
-        })),
+    request_headers_response(CommonResponse {
+        header_mutation,
         ..Default::default()
-    }
+    })
+}
+
+fn request_headers_response(common: CommonResponse) -> ProcessingResponse {
+    wrap(Response::RequestHeaders(HeadersResponse {
+        response: Some(common),
+    }))
 }
 
 /// A header set to `raw_value`, replacing any value it had. Envoy reads only
 /// `raw_value` (a mutation with `value` sets the header empty).
-pub fn overwrite(key: &str, raw_value: Vec<u8>) -> HeaderValueOption {
+fn overwrite(key: &str, raw_value: Vec<u8>) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.to_owned(),
@@ -88,16 +102,11 @@ pub fn connect(marker: &str, intercept: bool, client_marked: bool) -> Processing
     } else {
         None
     };
-    ProcessingResponse {
-        response: Some(Response::RequestHeaders(HeadersResponse {
-            response: Some(CommonResponse {
-                clear_route_cache: header_mutation.is_some(),
-                header_mutation,
-                ..Default::default()
-            }),
-        })),
+    request_headers_response(CommonResponse {
+        clear_route_cache: header_mutation.is_some(),
+        header_mutation,
         ..Default::default()
-    }
+    })
 }
 
 /// Envoy answers 421: the request's host is not the one the TLS
@@ -148,24 +157,21 @@ fn immediate(status: StatusCode, reason: &str, details: &str) -> ProcessingRespo
     body.extend_from_slice(b"kube-audience-proxy: ");
     body.extend_from_slice(reason.as_bytes());
     body.push(b'\n');
-    ProcessingResponse {
-        response: Some(Response::ImmediateResponse(ImmediateResponse {
-            status: Some(HttpStatus {
-                code: status as i32,
-            }),
-            headers: Some(HeaderMutation {
-                set_headers: vec![overwrite(
-                    "content-type",
-                    b"text/plain; charset=utf-8".to_vec(),
-                )],
-                remove_headers: Vec::new(),
-            }),
-            body,
-            grpc_status: None,
-            details: details.to_owned(),
-        })),
-        ..Default::default()
-    }
+    wrap(Response::ImmediateResponse(ImmediateResponse {
+        status: Some(HttpStatus {
+            code: status as i32,
+        }),
+        headers: Some(HeaderMutation {
+            set_headers: vec![overwrite(
+                "content-type",
+                b"text/plain; charset=utf-8".to_vec(),
+            )],
+            remove_headers: Vec::new(),
+        }),
+        body,
+        grpc_status: None,
+        details: details.to_owned(),
+    }))
 }
 
 /// Pass-through answers for the phases this processor does not act on, so a
@@ -244,6 +250,40 @@ mod tests {
             })
             .collect();
         assert_eq!(set, [(":path", &b"/p?x=1"[..])]);
+    }
+
+    #[test]
+    fn the_token_overwrites_authorization_before_the_path() {
+        let token = Token::new("abc.def".into()).unwrap();
+        let resp = inject(
+            &token,
+            Mutation {
+                remove: Some("x-kubernetes-audience"),
+                path: Some(b"/p".to_vec()),
+            },
+        );
+        let m = mutation_of(&resp);
+        let set: Vec<_> = m
+            .set_headers
+            .iter()
+            .map(|o| {
+                let h = o.header.as_ref().unwrap();
+                assert!(h.value.is_empty(), "raw_value only");
+                assert_eq!(
+                    o.append_action,
+                    HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+                );
+                (h.key.as_str(), h.raw_value.as_slice())
+            })
+            .collect();
+        assert_eq!(
+            set,
+            [
+                (TOKEN_HEADER, &b"Bearer abc.def"[..]),
+                (":path", &b"/p"[..])
+            ]
+        );
+        assert_eq!(m.remove_headers, ["x-kubernetes-audience"]);
     }
 
     #[test]
