@@ -1,0 +1,494 @@
+//! Command line and environment: the clap [`Cli`], validated once into a
+//! [`Config`]. Every flag has an environment fallback; `--help` documents
+//! each, README.md lists them all.
+
+mod cli;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use cli::{Cli, LogFormat, LogLevel};
+
+use crate::audience::{self, Allowlist, Audience, Rules};
+use crate::ca::CaSettings;
+use crate::ext_proc::OnTokenError;
+use crate::intercept::InterceptHosts;
+use crate::tokens::cache::Limits;
+use crate::tokens::kube::BoundPod;
+
+/// Shortest token lifetime the Kubernetes API server accepts
+/// (`expirationSeconds` below it is refused with 422).
+pub const MIN_TOKEN_EXPIRATION: Duration = Duration::from_secs(600);
+
+/// Shortest leaf certificate lifetime: a successor is pushed after two
+/// thirds of it, and Envoy needs time to fetch it before the old one ends.
+pub const MIN_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(600);
+
+// === the validated configuration, one section per consumer ===
+
+/// The validated configuration: one section per consumer, each taken whole.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How to reach the API server (`kube_client`).
+    pub kube: KubeSettings,
+    /// Which tokens to mint and what to do without one (token source, processor).
+    pub tokens: TokenSettings,
+    /// Bounds of the token cache.
+    pub cache: Limits,
+    /// How a request names its audience (processor).
+    pub audience: Rules,
+    /// TLS interception; `None` when no host is intercepted (then no CA exists).
+    pub interception: Option<Interception>,
+    /// Listeners, drain and runtime (server).
+    pub server: ServerSettings,
+    /// Logging (main).
+    pub telemetry: TelemetrySettings,
+}
+
+/// Where the Kubernetes client configuration comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeSettings {
+    /// `None`: in-cluster configuration (or kube's inference).
+    pub kubeconfig: Option<PathBuf>,
+    /// Overrides the URL from the kubeconfig or the cluster.
+    pub apiserver: Option<http::Uri>,
+}
+
+/// The TokenRequests to make, and the failure policy when they fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSettings {
+    /// ServiceAccount whose tokens are minted.
+    pub service_account: String,
+    /// Its namespace (the pod's).
+    pub namespace: String,
+    /// Requested lifetime (`expirationSeconds`), at least [`MIN_TOKEN_EXPIRATION`].
+    pub expiration: Duration,
+    /// Set: tokens are bound to this pod and die with it.
+    pub bound_pod: Option<BoundPod>,
+    /// Bound on one TokenRequest; below Envoy's ext_proc `message_timeout`.
+    pub request_timeout: Duration,
+    /// Fail closed (503) or open (forward without a token).
+    pub on_token_error: OnTokenError,
+}
+
+/// TLS interception: the hosts, the CA and the leaves minted from it.
+#[derive(Clone, Debug)]
+pub struct Interception {
+    /// Never empty.
+    pub hosts: InterceptHosts,
+    /// The CA, created (or loaded) at startup.
+    pub ca: CaSettings,
+    /// Lifetime of each leaf, at least [`MIN_CERTIFICATE_VALIDITY`].
+    pub certificate_validity: Duration,
+    /// Bound on leaves (names) held at once.
+    pub max_certificates: usize,
+}
+
+/// Listeners and the server's lifecycle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// ext_proc, SDS and gRPC health: loopback TCP or a Unix socket.
+    pub grpc: ListenAddress,
+    /// `/healthz`, `/readyz`.
+    pub admin: SocketAddr,
+    /// How long to keep serving (NOT_SERVING) after SIGTERM before draining.
+    pub shutdown_delay: Duration,
+    /// Worker threads of the async runtime.
+    pub worker_threads: usize,
+}
+
+/// Logging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TelemetrySettings {
+    /// This crate's level (others are capped, see `telemetry`).
+    pub level: LogLevel,
+    /// logfmt or JSON.
+    pub format: LogFormat,
+}
+
+/// Where the gRPC server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddress {
+    /// A loopback TCP address.
+    Tcp(SocketAddr),
+    /// A Unix domain socket.
+    Unix(PathBuf),
+}
+
+// === errors ===
+
+/// One invalid setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No ServiceAccount given.
+    #[error("no ServiceAccount: pass --service-account NAME or set SERVICE_ACCOUNT")]
+    MissingServiceAccount,
+    /// The namespace file could not be read.
+    #[error(
+        "no namespace: --namespace / POD_NAMESPACE not set and the namespace file {path} could not be read ({reason})"
+    )]
+    NamespaceFile {
+        path: PathBuf,
+        reason: std::io::Error,
+    },
+    /// A Kubernetes name is not a valid DNS-1123 subdomain.
+    #[error(
+        "{what} {value:?} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.')"
+    )]
+    InvalidName { what: &'static str, value: String },
+    /// A listen address that does not parse.
+    #[error("{flag} {value:?}: expected {expected}")]
+    ListenAddress {
+        flag: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    /// gRPC listener outside loopback.
+    #[error(
+        "--grpc-listen-address {0}: the processor hands out credentials, so it only listens on loopback (127.0.0.0/8, ::1) or a Unix socket"
+    )]
+    NotLoopback(SocketAddr),
+    /// Bad API server URL.
+    #[error("--apiserver {0:?} is not a valid URL")]
+    ApiServer(String),
+    /// Token lifetime too short.
+    #[error(
+        "--token-expiration {} is below the API server's minimum of {}",
+        humantime::format_duration(*.0),
+        humantime::format_duration(MIN_TOKEN_EXPIRATION)
+    )]
+    TokenExpiration(Duration),
+    /// Bad audience header name.
+    #[error("--audience-header {0:?} is not a valid HTTP header name")]
+    AudienceHeader(String),
+    /// Empty audience parameter name.
+    #[error("--audience-parameter must not be empty")]
+    AudienceParameter,
+    /// Bad default audience.
+    #[error("--default-audience: {0}")]
+    DefaultAudience(audience::Rejection),
+    /// Bad allowlist pattern.
+    #[error("--allowed-audience: {0}")]
+    AllowedAudience(glob::PatternError),
+    /// --bind-pod without the pod's identity.
+    #[error(
+        "--bind-pod needs the pod's name and UID: pass --pod-name/--pod-uid or set POD_NAME/POD_UID"
+    )]
+    MissingPod,
+    /// Bad intercept pattern.
+    #[error(transparent)]
+    InterceptHost(#[from] crate::intercept::PatternError),
+    /// Leaf validity out of range.
+    #[error(
+        "--certificate-validity must be between {} and --ca-validity",
+        humantime::format_duration(MIN_CERTIFICATE_VALIDITY)
+    )]
+    CertificateValidity,
+    /// A duration that must not be zero.
+    #[error("{0} must be longer than zero")]
+    ZeroDuration(&'static str),
+}
+
+/// Every invalid setting of a command line, reported together so an
+/// operator fixes them in one round. Exit code 64 (EX_USAGE).
+#[derive(Debug)]
+pub struct ConfigErrors(Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// The errors, in flag order.
+    pub fn iter(&self) -> impl Iterator<Item = &ConfigError> {
+        self.0.iter()
+    }
+}
+
+impl std::fmt::Display for ConfigErrors {
+    /// One error per line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects errors while every section is built, so none stops the others.
+#[derive(Default)]
+struct Collector(Vec<ConfigError>);
+
+impl Collector {
+    /// The value, or `None` with the error recorded.
+    fn take<T>(&mut self, result: Result<T, ConfigError>) -> Option<T> {
+        result.map_err(|error| self.0.push(error)).ok()
+    }
+
+    fn check(&mut self, ok: bool, error: impl FnOnce() -> ConfigError) -> Option<()> {
+        self.take(if ok { Ok(()) } else { Err(error()) })
+    }
+}
+
+// === building the sections ===
+
+impl TryFrom<Cli> for Config {
+    type Error = ConfigErrors;
+
+    fn try_from(cli: Cli) -> Result<Config, ConfigErrors> {
+        let mut errors = Collector::default();
+        let kube = kube_settings(&cli, &mut errors);
+        let tokens = token_settings(&cli, &mut errors);
+        let cache = cache_limits(&cli, &mut errors);
+        let audience = audience_rules(&cli, &mut errors);
+        let interception = interception(&cli, &mut errors);
+        let server = server_settings(&cli, &mut errors);
+        let telemetry = TelemetrySettings {
+            level: cli.log_level,
+            format: cli.log_format,
+        };
+        match (kube, tokens, cache, audience, interception, server) {
+            (
+                Some(kube),
+                Some(tokens),
+                Some(cache),
+                Some(audience),
+                Some(interception),
+                Some(server),
+            ) if errors.0.is_empty() => Ok(Config {
+                kube,
+                tokens,
+                cache,
+                audience,
+                interception,
+                server,
+                telemetry,
+            }),
+            _ => Err(ConfigErrors(errors.0)),
+        }
+    }
+}
+
+fn kube_settings(cli: &Cli, errors: &mut Collector) -> Option<KubeSettings> {
+    let apiserver = match &cli.apiserver {
+        Some(url) => Some(errors.take(parse_url(url))?),
+        None => None,
+    };
+    Some(KubeSettings {
+        kubeconfig: cli.kubeconfig.clone(),
+        apiserver,
+    })
+}
+
+fn parse_url(url: &str) -> Result<http::Uri, ConfigError> {
+    let invalid = || ConfigError::ApiServer(url.to_owned());
+    let uri: http::Uri = url.parse().map_err(|_| invalid())?;
+    if uri.scheme().is_none() || uri.host().is_none() {
+        return Err(invalid());
+    }
+    Ok(uri)
+}
+
+fn token_settings(cli: &Cli, errors: &mut Collector) -> Option<TokenSettings> {
+    let service_account = errors.take(service_account(cli));
+    let namespace = errors.take(namespace(cli));
+    let expiration = errors.check(cli.token_expiration >= MIN_TOKEN_EXPIRATION, || {
+        ConfigError::TokenExpiration(cli.token_expiration)
+    });
+    let request_timeout = non_zero(errors, "--token-request-timeout", cli.token_request_timeout);
+    let bound_pod = errors.take(bound_pod(cli));
+    Some(TokenSettings {
+        service_account: service_account?,
+        namespace: namespace?,
+        expiration: expiration.map(|()| cli.token_expiration)?,
+        bound_pod: bound_pod?,
+        request_timeout: request_timeout?,
+        on_token_error: cli.on_token_error,
+    })
+}
+
+fn service_account(cli: &Cli) -> Result<String, ConfigError> {
+    let name = cli
+        .service_account
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or(ConfigError::MissingServiceAccount)?;
+    validate_name("ServiceAccount", name)?;
+    Ok(name.to_owned())
+}
+
+fn namespace(cli: &Cli) -> Result<String, ConfigError> {
+    let namespace = match cli.namespace.as_deref().map(str::trim) {
+        Some(ns) if !ns.is_empty() => ns.to_owned(),
+        _ => std::fs::read_to_string(&cli.namespace_file)
+            .map_err(|reason| ConfigError::NamespaceFile {
+                path: cli.namespace_file.clone(),
+                reason,
+            })?
+            .trim()
+            .to_owned(),
+    };
+    validate_name("namespace", &namespace)?;
+    Ok(namespace)
+}
+
+fn bound_pod(cli: &Cli) -> Result<Option<BoundPod>, ConfigError> {
+    if !cli.bind_pod {
+        return Ok(None);
+    }
+    match (&cli.pod_name, &cli.pod_uid) {
+        (Some(name), Some(uid)) if !name.is_empty() && !uid.is_empty() => Ok(Some(BoundPod {
+            name: name.clone(),
+            uid: uid.clone(),
+        })),
+        _ => Err(ConfigError::MissingPod),
+    }
+}
+
+fn non_zero(errors: &mut Collector, flag: &'static str, value: Duration) -> Option<Duration> {
+    errors
+        .check(!value.is_zero(), || ConfigError::ZeroDuration(flag))
+        .map(|()| value)
+}
+
+fn cache_limits(cli: &Cli, errors: &mut Collector) -> Option<Limits> {
+    Some(Limits {
+        max_audiences: cli.max_audiences,
+        idle_timeout: non_zero(errors, "--audience-idle-timeout", cli.audience_idle_timeout)?,
+    })
+}
+
+fn audience_rules(cli: &Cli, errors: &mut Collector) -> Option<Rules> {
+    let header = cli.audience_header.to_ascii_lowercase();
+    let header_ok = errors.check(
+        http::HeaderName::from_bytes(header.as_bytes()).is_ok(),
+        || ConfigError::AudienceHeader(cli.audience_header.clone()),
+    );
+    let parameter_ok = errors.check(!cli.audience_parameter.is_empty(), || {
+        ConfigError::AudienceParameter
+    });
+    let allowlist =
+        errors.take(Allowlist::new(&cli.allowed_audience).map_err(ConfigError::AllowedAudience));
+    let default = match (&cli.default_audience, &allowlist) {
+        (Some(raw), Some(allowlist)) => errors.take(default_audience(raw, allowlist)),
+        // The allowlist is broken: the default cannot be checked against it.
+        (Some(_), None) => None,
+        (None, _) => Some(None),
+    };
+    header_ok?;
+    parameter_ok?;
+    Some(Rules {
+        header,
+        parameter: cli.audience_parameter.clone(),
+        default: default?,
+        allowlist: allowlist?,
+    })
+}
+
+fn default_audience(raw: &str, allowlist: &Allowlist) -> Result<Option<Audience>, ConfigError> {
+    let audience = Audience::parse(raw.as_bytes(), audience::Source::Default)
+        .map_err(ConfigError::DefaultAudience)?;
+    if !allowlist.allows(&audience) {
+        return Err(ConfigError::DefaultAudience(
+            audience::Rejection::NotAllowed { audience },
+        ));
+    }
+    Ok(Some(audience))
+}
+
+fn interception(cli: &Cli, errors: &mut Collector) -> Option<Option<Interception>> {
+    let hosts = errors.take(InterceptHosts::new(&cli.intercept_host).map_err(ConfigError::from));
+    let validity_ok = errors.check(
+        cli.certificate_validity >= MIN_CERTIFICATE_VALIDITY
+            && cli.certificate_validity <= cli.ca_validity,
+        || ConfigError::CertificateValidity,
+    );
+    let hosts = hosts?;
+    validity_ok?;
+    if hosts.is_empty() {
+        return Some(None);
+    }
+    Some(Some(Interception {
+        hosts,
+        ca: CaSettings {
+            destination: cli.ca_file_destination.clone(),
+            persisted: cli.ca_key_file.clone().zip(cli.ca_cert_file.clone()),
+            validity: cli.ca_validity,
+        },
+        certificate_validity: cli.certificate_validity,
+        max_certificates: usize::try_from(cli.max_certificates).unwrap_or(usize::MAX),
+    }))
+}
+
+fn server_settings(cli: &Cli, errors: &mut Collector) -> Option<ServerSettings> {
+    let grpc = errors.take(parse_grpc_address(&cli.grpc_listen_address));
+    let admin = errors.take(parse_socket_address(
+        "--admin-listen-address",
+        &cli.admin_listen_address,
+    ));
+    Some(ServerSettings {
+        grpc: grpc?,
+        admin: admin?,
+        shutdown_delay: cli.shutdown_delay,
+        worker_threads: usize::from(cli.worker_threads),
+    })
+}
+
+const GRPC_ADDRESS_FORM: &str = "a loopback IP:PORT or unix:/path";
+
+fn parse_grpc_address(raw: &str) -> Result<ListenAddress, ConfigError> {
+    const FLAG: &str = "--grpc-listen-address";
+    if let Some(path) = raw.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err(ConfigError::ListenAddress {
+                flag: FLAG,
+                value: raw.to_owned(),
+                expected: GRPC_ADDRESS_FORM,
+            });
+        }
+        return Ok(ListenAddress::Unix(PathBuf::from(path)));
+    }
+    let addr = parse_socket_address(FLAG, raw).map_err(|_| ConfigError::ListenAddress {
+        flag: FLAG,
+        value: raw.to_owned(),
+        expected: GRPC_ADDRESS_FORM,
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(ConfigError::NotLoopback(addr));
+    }
+    Ok(ListenAddress::Tcp(addr))
+}
+
+/// `IP:PORT` (IPv6 in brackets), the one parser of every TCP address flag.
+fn parse_socket_address(flag: &'static str, raw: &str) -> Result<SocketAddr, ConfigError> {
+    raw.trim().parse().map_err(|_| ConfigError::ListenAddress {
+        flag,
+        value: raw.to_owned(),
+        expected: "IP:PORT",
+    })
+}
+
+/// RFC 1123 subdomain, as Kubernetes requires for these names.
+fn validate_name(what: &'static str, value: &str) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::InvalidName {
+            what,
+            value: value.to_owned(),
+        })
+    }
+}
