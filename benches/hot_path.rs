@@ -9,14 +9,11 @@ mod support;
 
 use std::time::{Duration, SystemTime};
 
+use clap::Parser;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
-use kube_audience_proxy::audience::{Allowlist, Audience, Rules};
-use kube_audience_proxy::ext_proc::{ExtProc, OnTokenError, StreamContext};
-use kube_audience_proxy::intercept::InterceptHosts;
-use kube_audience_proxy::secret::Token;
-use kube_audience_proxy::tokens::cache::{Limits, TokenCache};
-use kube_audience_proxy::tokens::{Error, IssuedToken, TokenSource};
+use kube_audience_proxy::bench::{Audience, Error, IssuedToken, StreamContext, Token, TokenSource};
+use kube_audience_proxy::config::{Cli, Config};
 use prost::Message;
 
 /// A source that always returns the same realistic-size token.
@@ -64,22 +61,21 @@ fn hot_path(c: &mut Criterion) {
         "s".repeat(342)
     ))
     .unwrap();
-    let rules = Rules {
-        header: "x-kubernetes-audience".into(),
-        parameter: "kubernetes-audience".into(),
-        default: None,
-        allowlist: Allowlist::new(["node-exporter", "https://*.example.com"]).unwrap(),
-    };
-    let limits = Limits {
-        max_audiences: 1000,
-        idle_timeout: Duration::from_secs(3600),
-    };
-    let processor = ExtProc::new(
-        rules,
-        TokenCache::new(Static(token), limits),
-        OnTokenError::Deny,
-        InterceptHosts::default(),
-    );
+    // The shipped defaults, with an allowlist to check against.
+    let cli = Cli::try_parse_from([
+        "kube-audience-proxy",
+        "--service-account",
+        "app",
+        "--namespace",
+        "demo",
+        "--allowed-audience",
+        "node-exporter",
+        "--allowed-audience",
+        "https://*.example.com",
+    ])
+    .unwrap();
+    let config = Config::try_from(cli).unwrap();
+    let processor = kube_audience_proxy::bench::processor(&config, Static(token));
     let context = StreamContext::default();
     let by_query = request(
         "/metrics?kubernetes-audience=node-exporter&collect%5B%5D=cpu",

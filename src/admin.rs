@@ -14,7 +14,7 @@ use tonic_health::pb::health_server::Health;
 use tonic_health::server::HealthService;
 
 /// The router, served by [`serve`].
-pub fn router(health: HealthService) -> Router {
+pub(crate) fn router(health: HealthService) -> Router {
     Router::new()
         .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
         .route("/readyz", get(readyz))
@@ -34,7 +34,7 @@ async fn readyz(State(health): State<Arc<HealthService>>) -> (StatusCode, &'stat
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     health: HealthService,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,

@@ -17,6 +17,7 @@ use crate::ext_proc::ExtProc;
 use crate::sds::Sds;
 use crate::sds::certs::Certificates;
 use crate::server::{self, BindError, Listeners, ServeError};
+use crate::tokens::TokenSource;
 use crate::tokens::cache::TokenCache;
 use crate::tokens::kube::{self, ClientError, KubeTokenSource};
 
@@ -129,7 +130,8 @@ impl App {
     }
 }
 
-fn processor(config: &Config, source: KubeTokenSource) -> ExtProc<KubeTokenSource> {
+/// The ext_proc service for `config`, minting from `source`.
+pub fn processor<S: TokenSource>(config: &Config, source: S) -> ExtProc<S> {
     let hosts = config
         .interception
         .as_ref()

@@ -20,10 +20,10 @@ use std::sync::Arc;
 use percent_encoding::percent_decode;
 
 /// Longest audience accepted, in bytes (after percent-decoding).
-pub const MAX_AUDIENCE_LEN: usize = 1024;
+pub(crate) const MAX_AUDIENCE_LEN: usize = 1024;
 
 /// The gRPC metadata key Envoy sets (per route) to name the audience.
-pub const METADATA_KEY: &str = "x-kubernetes-audience";
+pub(crate) const METADATA_KEY: &str = "x-kubernetes-audience";
 
 /// A validated audience: non-empty, at most [`MAX_AUDIENCE_LEN`] bytes, UTF-8
 /// without control characters. Audiences are not secret; they may be logged.

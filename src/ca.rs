@@ -75,7 +75,7 @@ impl From<rcgen::Error> for CaError {
 }
 
 /// A minted leaf: certificate chain (leaf, then CA) and its private key.
-pub struct Leaf {
+pub(crate) struct Leaf {
     /// PEM chain.
     pub chain_pem: String,
     /// PEM private key (PKCS#8).
@@ -87,7 +87,7 @@ pub struct Leaf {
 /// The CA. Its signing key sits in the [`Redacted`] issuer, so the derived
 /// `Debug` shows the (public) certificate and never the key.
 #[derive(Debug)]
-pub struct CertificateAuthority {
+pub(crate) struct CertificateAuthority {
     issuer: Redacted<Issuer<'static, KeyPair>>,
     cert_pem: String,
     not_after: SystemTime,
@@ -95,7 +95,7 @@ pub struct CertificateAuthority {
 
 impl CertificateAuthority {
     /// Sets up the CA per `settings` and writes the certificate for clients.
-    pub fn init(
+    pub(crate) fn init(
         settings: &CaSettings,
         hosts: &InterceptHosts,
         now: SystemTime,
@@ -128,7 +128,7 @@ impl CertificateAuthority {
 
     /// A new CA: ECDSA P-256, CA:true with path length 0, name-constrained
     /// to the intercepted hosts.
-    pub fn generate(
+    pub(crate) fn generate(
         hosts: &InterceptHosts,
         validity: Duration,
         now: SystemTime,
@@ -165,7 +165,7 @@ impl CertificateAuthority {
     }
 
     /// Loads a CA from PEM files.
-    pub fn load(key_path: &Path, cert_path: &Path) -> Result<CertificateAuthority, CaError> {
+    pub(crate) fn load(key_path: &Path, cert_path: &Path) -> Result<CertificateAuthority, CaError> {
         let read = |path: &Path| {
             fs::read_to_string(path).map_err(|reason| CaError::File {
                 action: "cannot read",
@@ -191,8 +191,9 @@ impl CertificateAuthority {
         })
     }
 
-    /// The CA certificate (PEM).
-    pub fn cert_pem(&self) -> &str {
+    /// The CA certificate (PEM); at runtime only the written file is read.
+    #[cfg(test)]
+    pub(crate) fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
 
@@ -200,7 +201,7 @@ impl CertificateAuthority {
     /// beyond the CA's own end). CPU-bound (a key generation and a
     /// signature, about a millisecond): async callers run it on the blocking
     /// pool, as `sds::certs` does.
-    pub fn mint_leaf(
+    pub(crate) fn mint_leaf(
         &self,
         dns_names: &[&str],
         ips: &[IpAddr],
@@ -283,7 +284,7 @@ fn random_serial() -> SerialNumber {
 /// Writes `contents` to `path` through a temporary file in the same folder
 /// and a rename, so a reader never sees a partial file; `mode` is set before
 /// any byte is written.
-pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
     let error = |action, reason| CaError::File {
         action,
         path: path.to_owned(),

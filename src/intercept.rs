@@ -29,7 +29,7 @@ const MAX_LABEL_LEN: usize = 63;
 /// accepted, as they always were here, though URLs reserve them for IPv6.
 /// An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) stays IPv6: it is not
 /// the same host as its IPv4 form for matching or for a certificate SAN.
-pub fn ip_literal(raw: &str) -> Option<IpAddr> {
+pub(crate) fn ip_literal(raw: &str) -> Option<IpAddr> {
     let inner = match raw.strip_prefix('[') {
         Some(rest) => rest.strip_suffix(']')?,
         None => raw,
@@ -43,7 +43,7 @@ pub fn ip_literal(raw: &str) -> Option<IpAddr> {
 /// names), 1..=63 bytes, not starting or ending with `-`; 253 bytes in all.
 /// Case is kept: compare with `eq_ignore_ascii_case`, or store
 /// [`normalized_dns_name`].
-pub fn dns_name(raw: &str) -> Option<&str> {
+pub(crate) fn dns_name(raw: &str) -> Option<&str> {
     let name = raw.strip_suffix('.').unwrap_or(raw);
     let valid = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
@@ -61,14 +61,14 @@ pub fn dns_name(raw: &str) -> Option<&str> {
 
 /// A DNS name in the form names are stored and compared in: lower case,
 /// without the trailing dot. `None` if [`dns_name`] refuses it.
-pub fn normalized_dns_name(raw: &str) -> Option<String> {
+pub(crate) fn normalized_dns_name(raw: &str) -> Option<String> {
     dns_name(raw).map(str::to_ascii_lowercase)
 }
 
 /// Whether `name` is a proper subdomain of `suffix` (`a.b.c` of `b.c`, not
 /// `b.c` itself nor `ab.c`), case-insensitively. Both are expected without
 /// a trailing dot.
-pub fn is_subdomain_of(name: &str, suffix: &str) -> bool {
+pub(crate) fn is_subdomain_of(name: &str, suffix: &str) -> bool {
     name.len() > suffix.len() + 1
         && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
         && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)

@@ -6,7 +6,7 @@
 //! modules follow the data flow:
 //!
 //! - [`config`]: the command line, validated into one section per consumer;
-//! - [`app`]: [`run`] assembles the parts below and serves them;
+//! - `app`: [`run`] assembles the parts below and serves them;
 //! - `audience` finds the audience a request asks for (pure);
 //! - `tokens` mints bound tokens with TokenRequest and caches them;
 //! - `ext_proc` is the gRPC service Envoy calls per request;
@@ -16,22 +16,34 @@
 //! - `secret` keeps credentials out of logs, errors and Debug output.
 
 // Runtime code never unwraps; tests may.
-#![warn(clippy::unwrap_used, clippy::expect_used)]
+#![warn(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod admin;
-pub mod app;
-pub mod audience;
-pub mod ca;
+mod admin;
+mod app;
+mod audience;
+mod ca;
 pub mod config;
-pub mod ext_proc;
-pub mod intercept;
+mod ext_proc;
+mod intercept;
 mod moka_ext;
-pub mod sds;
-pub mod secret;
-pub mod server;
+mod sds;
+mod secret;
+mod server;
 pub mod shutdown;
 pub mod telemetry;
-pub mod tokens;
+mod tokens;
 
 pub use app::{App, RunError, run};
+
+/// The request path without the network, for `benches/hot_path.rs`: a
+/// processor over any token source, built from a [`config::Config`] as
+/// [`run`] builds it. Not a stable API.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::app::processor;
+    pub use crate::audience::Audience;
+    pub use crate::ext_proc::{ExtProc, StreamContext};
+    pub use crate::secret::Token;
+    pub use crate::tokens::{Error, IssuedToken, TokenSource};
+}

@@ -24,12 +24,12 @@ fn main() -> ExitCode {
 fn start() -> Result<(), RunError> {
     let config = Config::try_from(Cli::parse())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.server.worker_threads)
+        .worker_threads(config.worker_threads())
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
     runtime.block_on(async {
-        telemetry::init(config.telemetry).map_err(RunError::Telemetry)?;
+        telemetry::init(config.telemetry()).map_err(RunError::Telemetry)?;
         // Installed before anything is announced: a SIGTERM from now on
         // drains cleanly instead of killing the process.
         let shutdown = shutdown::signal();

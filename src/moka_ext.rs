@@ -10,7 +10,7 @@ use moka::ops::compute::Op;
 /// Removes `key` if it still maps to `stale`. Another task may already have
 /// replaced the stale value with a fresh one; comparing by identity keeps
 /// that fresh value, so a following `try_get_with` mints at most once.
-pub async fn remove_if_same<K, Q, V>(cache: &Cache<K, Arc<V>>, key: &Q, stale: &Arc<V>)
+pub(crate) async fn remove_if_same<K, Q, V>(cache: &Cache<K, Arc<V>>, key: &Q, stale: &Arc<V>)
 where
     K: Hash + Eq + Borrow<Q> + Send + Sync + 'static,
     Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,

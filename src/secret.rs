@@ -56,16 +56,16 @@ impl Token {
 /// every credential-holding field is a `Redacted<_>`, so a derived `Debug`
 /// on the struct around it is safe.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
-pub struct Redacted<T>(T);
+pub(crate) struct Redacted<T>(T);
 
 impl<T> Redacted<T> {
     /// Wraps a secret value.
-    pub fn new(value: T) -> Redacted<T> {
+    pub(crate) fn new(value: T) -> Redacted<T> {
         Redacted(value)
     }
 
     /// The value. Only for writing it where it belongs.
-    pub fn expose_secret(&self) -> &T {
+    pub(crate) fn expose_secret(&self) -> &T {
         &self.0
     }
 }
@@ -84,16 +84,16 @@ impl<T> fmt::Display for Redacted<T> {
 
 /// A PEM private key (a leaf's). `Debug` and `Display` print a placeholder.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyPem(Redacted<Arc<str>>);
+pub(crate) struct KeyPem(Redacted<Arc<str>>);
 
 impl KeyPem {
     /// Wraps a PEM key.
-    pub fn new(pem: String) -> KeyPem {
+    pub(crate) fn new(pem: String) -> KeyPem {
         KeyPem(Redacted::new(Arc::from(pem)))
     }
 
     /// The PEM text. Only for handing it to Envoy.
-    pub fn expose_secret(&self) -> &str {
+    pub(crate) fn expose_secret(&self) -> &str {
         self.0.expose_secret()
     }
 }

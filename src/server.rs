@@ -29,7 +29,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The gRPC listener: loopback TCP or a Unix socket.
 #[derive(Debug)]
-pub enum GrpcListener {
+pub(crate) enum GrpcListener {
     /// TCP.
     Tcp(TcpListener),
     /// A Unix socket; the file is removed when the server stops.
@@ -38,7 +38,7 @@ pub enum GrpcListener {
 
 /// Both listeners, bound.
 #[derive(Debug)]
-pub struct Listeners {
+pub(crate) struct Listeners {
     /// ext_proc, SDS and gRPC health.
     pub grpc: GrpcListener,
     /// `/healthz`, `/readyz`.
@@ -75,7 +75,10 @@ pub enum ServeError {
 
 impl Listeners {
     /// Binds both listeners.
-    pub async fn bind(grpc: &ListenAddress, admin: SocketAddr) -> Result<Listeners, BindError> {
+    pub(crate) async fn bind(
+        grpc: &ListenAddress,
+        admin: SocketAddr,
+    ) -> Result<Listeners, BindError> {
         let grpc = match grpc {
             ListenAddress::Tcp(addr) => {
                 GrpcListener::Tcp(TcpListener::bind(addr).await.map_err(|reason| {
@@ -105,7 +108,7 @@ impl Listeners {
     }
 
     /// The gRPC address, as `IP:PORT` or `unix:PATH`.
-    pub fn grpc_address(&self) -> String {
+    pub(crate) fn grpc_address(&self) -> String {
         match &self.grpc {
             GrpcListener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             GrpcListener::Unix(_, path) => format!("unix:{}", path.display()),
@@ -113,7 +116,7 @@ impl Listeners {
     }
 
     /// The admin address, as `IP:PORT`.
-    pub fn admin_address(&self) -> String {
+    pub(crate) fn admin_address(&self) -> String {
         self.admin
             .local_addr()
             .map(|a| a.to_string())
@@ -134,7 +137,7 @@ fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
 }
 
 /// Serves until `shutdown` completes, then drains (see the module docs).
-pub async fn serve<S: TokenSource>(
+pub(crate) async fn serve<S: TokenSource>(
     processor: ExtProc<S>,
     sds: Option<Sds>,
     listeners: Listeners,

@@ -32,20 +32,32 @@ pub const MIN_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(600);
 /// The validated configuration: one section per consumer, each taken whole.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// How to reach the API server (`kube_client`).
-    pub kube: KubeSettings,
+    /// How to reach the API server (`tokens::kube::client`).
+    pub(crate) kube: KubeSettings,
     /// Which tokens to mint and what to do without one (token source, processor).
-    pub tokens: TokenSettings,
+    pub(crate) tokens: TokenSettings,
     /// Bounds of the token cache.
-    pub cache: Limits,
+    pub(crate) cache: Limits,
     /// How a request names its audience (processor).
-    pub audience: Rules,
+    pub(crate) audience: Rules,
     /// TLS interception; `None` when no host is intercepted (then no CA exists).
-    pub interception: Option<Interception>,
+    pub(crate) interception: Option<Interception>,
     /// Listeners, drain and runtime (server).
-    pub server: ServerSettings,
+    pub(crate) server: ServerSettings,
     /// Logging (main).
-    pub telemetry: TelemetrySettings,
+    pub(crate) telemetry: TelemetrySettings,
+}
+
+impl Config {
+    /// Worker threads for the async runtime `main` builds before [`crate::run`].
+    pub fn worker_threads(&self) -> usize {
+        self.server.worker_threads
+    }
+
+    /// Logging settings, for [`crate::telemetry::init`].
+    pub fn telemetry(&self) -> TelemetrySettings {
+        self.telemetry
+    }
 }
 
 /// Where the Kubernetes client configuration comes from.

@@ -31,7 +31,7 @@ use crate::tokens::{self, TokenSource};
 /// The parts of one request the decision reads, borrowed from Envoy's
 /// message (no header is copied).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Request<'a> {
+pub(crate) struct Request<'a> {
     /// `:method`: a CONNECT is routed, never given a token.
     pub method: &'a [u8],
     /// `:authority`: the destination, checked against the SNI.
@@ -54,7 +54,7 @@ pub struct Request<'a> {
 impl<'a> Request<'a> {
     /// Scans a `request_headers` message once. `audience_header` is the
     /// configured header name, compared case-insensitively.
-    pub fn scan(
+    pub(crate) fn scan(
         headers: &'a HttpHeaders,
         attributes: &'a HashMap<String, Struct>,
         stream: &'a StreamContext,
@@ -85,7 +85,7 @@ impl<'a> Request<'a> {
 /// What the processor does with a request. `T` is the token an injection
 /// carries: `()` as decided, the cache's answer once fetched ([`Fetched`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision<'a, T = ()> {
+pub(crate) enum Decision<'a, T = ()> {
     /// No audience: forward the request untouched.
     PassThrough,
     /// Forward with a token for the audience, audience markers removed.
@@ -110,7 +110,7 @@ pub enum Decision<'a, T = ()> {
 
 /// A request that gets a token.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Injection<'a> {
+pub(crate) struct Injection<'a> {
     /// The token's audience.
     pub audience: Audience,
     /// Where the audience came from (logged).
@@ -120,11 +120,11 @@ pub struct Injection<'a> {
 }
 
 /// A decision whose token, if it needs one, has been asked of the cache.
-pub type Fetched<'a> = Decision<'a, Result<Token, Arc<tokens::Error>>>;
+pub(crate) type Fetched<'a> = Decision<'a, Result<Token, Arc<tokens::Error>>>;
 
 /// The configuration the decision applies.
 #[derive(Clone, Debug)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// How a request names its audience, and which audiences are allowed.
     pub rules: Rules,
     /// Which CONNECT targets are intercepted.
@@ -133,7 +133,7 @@ pub struct Policy {
 
 impl Policy {
     /// Decides what to do with `request`. Pure: no I/O, no clock.
-    pub fn decide<'a>(&'a self, request: &Request<'a>) -> Decision<'a> {
+    pub(crate) fn decide<'a>(&'a self, request: &Request<'a>) -> Decision<'a> {
         if request.method == b"CONNECT" {
             let intercept = std::str::from_utf8(request.authority)
                 .ok()
@@ -184,7 +184,7 @@ impl Policy {
 impl<'a> Decision<'a> {
     /// Gets the token an injection needs from `tokens` (minting it on a
     /// miss); every other decision is returned unchanged, with no lookup.
-    pub async fn fetch<S: TokenSource>(self, tokens: &TokenCache<S>) -> Fetched<'a> {
+    pub(crate) async fn fetch<S: TokenSource>(self, tokens: &TokenCache<S>) -> Fetched<'a> {
         match self {
             Decision::Inject(injection, ()) => {
                 let token = tokens.get(&injection.audience).await;
@@ -209,7 +209,7 @@ impl<'a> Decision<'a> {
 /// Envoy's answer to a decided (and fetched) request. With no token,
 /// `on_token_error` decides between 503 and forwarding without one (the
 /// audience markers are removed either way).
-pub fn respond(decision: Fetched<'_>, on_token_error: OnTokenError) -> ProcessingResponse {
+pub(crate) fn respond(decision: Fetched<'_>, on_token_error: OnTokenError) -> ProcessingResponse {
     match decision {
         Decision::PassThrough => {
             tracing::debug!("no audience: passing the request through");

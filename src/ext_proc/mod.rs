@@ -9,8 +9,8 @@
 //! misconfigured Envoy is never left waiting. A message without a phase ends
 //! the stream with `INVALID_ARGUMENT`.
 
-pub mod decision;
-pub mod response;
+pub(crate) mod decision;
+pub(crate) mod response;
 #[cfg(test)]
 mod tests;
 
@@ -65,15 +65,15 @@ struct Inner<S> {
 /// the shipped Envoy config routes such tunnels to the TLS-terminating
 /// internal listener. It never leaves Envoy (a terminated CONNECT forwards
 /// only its payload), and a client-sent one is removed.
-pub const INTERCEPT_MARKER: &str = "x-kube-audience-proxy-intercept";
+pub(crate) const INTERCEPT_MARKER: &str = "x-kube-audience-proxy-intercept";
 
 /// gRPC metadata set by the intercepting listener's ext_proc filter: the
 /// request arrived inside intercepted TLS, so its `:authority` must match
 /// the SNI the certificate was minted for.
-pub const LISTENER_METADATA: &str = "x-kube-audience-proxy-listener";
+pub(crate) const LISTENER_METADATA: &str = "x-kube-audience-proxy-listener";
 
 /// The Envoy attribute holding the TLS server name (SNI).
-pub const SNI_ATTRIBUTE: &str = "connection.requested_server_name";
+pub(crate) const SNI_ATTRIBUTE: &str = "connection.requested_server_name";
 
 /// What a stream knows before its first message (from the gRPC metadata).
 #[derive(Clone, Debug, Default)]
@@ -151,7 +151,8 @@ impl<S: TokenSource> ExtProc<S> {
 }
 
 /// The answers of one Process stream.
-pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+pub(crate) type AnswerStream =
+    Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl<S: TokenSource> ExternalProcessor for ExtProc<S> {

@@ -20,11 +20,11 @@ use crate::secret::Token;
 use crate::tokens;
 
 /// The header the token is written into (overwriting any the client sent).
-pub const TOKEN_HEADER: &str = "authorization";
+pub(crate) const TOKEN_HEADER: &str = "authorization";
 
 /// What to change in the request headers besides the token.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Mutation<'a> {
+pub(crate) struct Mutation<'a> {
     /// Header to remove (the audience header).
     pub remove: Option<&'a str>,
     /// New `:path` (without the audience parameter).
@@ -33,14 +33,14 @@ pub struct Mutation<'a> {
 
 /// A `request_headers` answer without a token: CONTINUE, with the mutation
 /// if there is one.
-pub fn request_headers(mutation: Mutation<'_>) -> ProcessingResponse {
+pub(crate) fn request_headers(mutation: Mutation<'_>) -> ProcessingResponse {
     continue_with(None, mutation)
 }
 
 /// A `request_headers` answer that sets `authorization: Bearer <token>`
 /// (overwriting a client-sent one) and applies `mutation`. The one place a
 /// token leaves the processor.
-pub fn inject(token: &Token, mutation: Mutation<'_>) -> ProcessingResponse {
+pub(crate) fn inject(token: &Token, mutation: Mutation<'_>) -> ProcessingResponse {
     let bearer = overwrite(TOKEN_HEADER, token.bearer_header_value().to_vec());
     continue_with(Some(bearer), mutation)
 }
@@ -88,7 +88,7 @@ fn overwrite(key: &str, raw_value: Vec<u8>) -> HeaderValueOption {
 /// The answer to a CONNECT: set the intercept marker (and re-route) for an
 /// intercepted host; otherwise remove a client-sent marker (and re-route,
 /// since the route may have been chosen with it).
-pub fn connect(marker: &str, intercept: bool, client_marked: bool) -> ProcessingResponse {
+pub(crate) fn connect(marker: &str, intercept: bool, client_marked: bool) -> ProcessingResponse {
     let header_mutation = if intercept {
         Some(HeaderMutation {
             set_headers: vec![overwrite(marker, b"1".to_vec())],
@@ -111,7 +111,7 @@ pub fn connect(marker: &str, intercept: bool, client_marked: bool) -> Processing
 
 /// Envoy answers 421: the request's host is not the one the TLS
 /// certificate was minted for.
-pub fn misdirected(reason: &str) -> ProcessingResponse {
+pub(crate) fn misdirected(reason: &str) -> ProcessingResponse {
     immediate(
         StatusCode::MisdirectedRequest,
         reason,
@@ -120,7 +120,7 @@ pub fn misdirected(reason: &str) -> ProcessingResponse {
 }
 
 /// The HTTP status for an audience refusal.
-pub fn rejection_status(rejection: &Rejection) -> StatusCode {
+pub(crate) fn rejection_status(rejection: &Rejection) -> StatusCode {
     match rejection {
         Rejection::Empty { .. }
         | Rejection::TooLong { .. }
@@ -131,7 +131,7 @@ pub fn rejection_status(rejection: &Rejection) -> StatusCode {
 }
 
 /// Envoy answers the client with 400/403: the audience is refused.
-pub fn refuse(rejection: &Rejection) -> ProcessingResponse {
+pub(crate) fn refuse(rejection: &Rejection) -> ProcessingResponse {
     let details = match rejection {
         Rejection::Empty { .. } => "kube_audience_proxy_empty_audience",
         Rejection::TooLong { .. } => "kube_audience_proxy_audience_too_long",
@@ -143,7 +143,7 @@ pub fn refuse(rejection: &Rejection) -> ProcessingResponse {
 }
 
 /// Envoy answers the client with 503: no token could be had.
-pub fn token_unavailable(audience: &str, error: &tokens::Error) -> ProcessingResponse {
+pub(crate) fn token_unavailable(audience: &str, error: &tokens::Error) -> ProcessingResponse {
     let reason = format!("no token for audience {audience:?}: {error}");
     immediate(
         StatusCode::ServiceUnavailable,
@@ -176,27 +176,27 @@ fn immediate(status: StatusCode, reason: &str, details: &str) -> ProcessingRespo
 
 /// Pass-through answers for the phases this processor does not act on, so a
 /// misconfigured Envoy that sends them is answered instead of left hanging.
-pub fn response_headers() -> ProcessingResponse {
+pub(crate) fn response_headers() -> ProcessingResponse {
     wrap(Response::ResponseHeaders(HeadersResponse::default()))
 }
 
 /// See [`response_headers`].
-pub fn request_body() -> ProcessingResponse {
+pub(crate) fn request_body() -> ProcessingResponse {
     wrap(Response::RequestBody(BodyResponse::default()))
 }
 
 /// See [`response_headers`].
-pub fn response_body() -> ProcessingResponse {
+pub(crate) fn response_body() -> ProcessingResponse {
     wrap(Response::ResponseBody(BodyResponse::default()))
 }
 
 /// See [`response_headers`].
-pub fn request_trailers() -> ProcessingResponse {
+pub(crate) fn request_trailers() -> ProcessingResponse {
     wrap(Response::RequestTrailers(TrailersResponse::default()))
 }
 
 /// See [`response_headers`].
-pub fn response_trailers() -> ProcessingResponse {
+pub(crate) fn response_trailers() -> ProcessingResponse {
     wrap(Response::ResponseTrailers(TrailersResponse::default()))
 }
 

@@ -33,12 +33,12 @@ use crate::secret::Redacted;
 /// (`default_value` in the shipped config). It is checked before any name
 /// parsing, so a client that sends it as its SNI gets the same certificate
 /// as a client without SNI: one for the intercepted IPs only.
-pub const NO_SNI_SECRET: &str = "_kube-audience-proxy-no-sni";
+pub(crate) const NO_SNI_SECRET: &str = "_kube-audience-proxy-no-sni";
 
 /// Why a name is not minted. Refusals are counted and logged (names are not
 /// secret), never signed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The name is not matched by `--intercept-host`.
     #[error("not an intercepted host")]
     NotIntercepted,
@@ -59,7 +59,7 @@ pub enum Refusal {
 /// A minted secret, ready to send. The encoded `Secret` holds the private
 /// key, so it is [`Redacted`] and the derived `Debug` never shows it.
 #[derive(Debug)]
-pub struct Minted {
+pub(crate) struct Minted {
     /// Secret name.
     pub name: String,
     /// Version (changes with every mint).
@@ -71,7 +71,7 @@ pub struct Minted {
 
 impl Minted {
     /// As a delta xDS resource.
-    pub fn resource(&self) -> Resource {
+    pub(crate) fn resource(&self) -> Resource {
         Resource {
             name: self.name.clone(),
             version: self.version.clone(),
@@ -81,14 +81,14 @@ impl Minted {
     }
 
     /// As a state-of-the-world resource.
-    pub fn any(&self) -> Any {
+    pub(crate) fn any(&self) -> Any {
         self.secret.expose_secret().clone()
     }
 }
 
 /// Counters for refused and minted names.
 #[derive(Debug, Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// Names refused.
     pub refused: AtomicU64,
     /// Leaves signed.
@@ -101,7 +101,7 @@ pub struct Counters {
 type SignHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// The leaf store.
-pub struct Certificates {
+pub(crate) struct Certificates {
     /// Shared with the signing tasks on the blocking pool.
     ca: Arc<CertificateAuthority>,
     hosts: InterceptHosts,
@@ -127,7 +127,7 @@ fn signers() -> usize {
 }
 
 /// One subscription slot (see [`Certificates::hold`]); released on drop.
-pub struct Slot<'a> {
+pub(crate) struct Slot<'a> {
     certs: &'a Certificates,
 }
 
@@ -140,7 +140,7 @@ impl Drop for Slot<'_> {
 impl Certificates {
     /// A store minting from `ca` for `hosts`; at most `max_names` names are
     /// cached or subscribed at once; leaves live `validity`.
-    pub fn new(
+    pub(crate) fn new(
         ca: CertificateAuthority,
         hosts: InterceptHosts,
         validity: Duration,
@@ -164,7 +164,7 @@ impl Certificates {
     }
 
     /// Reserves one of the `--max-certificates` subscription slots.
-    pub fn hold(&self) -> Result<Slot<'_>, Refusal> {
+    pub(crate) fn hold(&self) -> Result<Slot<'_>, Refusal> {
         let mut held = self.held.load(Ordering::Acquire);
         loop {
             if held >= self.max_names {
@@ -182,21 +182,21 @@ impl Certificates {
 
     /// Whether `name` may be minted (without minting it); a refusal is
     /// counted and logged.
-    pub fn check(&self, name: &str) -> Result<(), Refusal> {
+    pub(crate) fn check(&self, name: &str) -> Result<(), Refusal> {
         self.leaf_names(name)
             .map(|_| ())
             .inspect_err(|refusal| self.refused(name, refusal))
     }
 
     /// Counts and logs a refusal.
-    pub fn refused(&self, name: &str, refusal: &Refusal) {
+    pub(crate) fn refused(&self, name: &str, refusal: &Refusal) {
         self.counters.refused.fetch_add(1, Ordering::Relaxed);
         tracing::info!(name, %refusal, "refused a certificate");
     }
 
     /// The current secret for `name`, minted if absent or due for rotation.
     /// Concurrent requests for one name share one mint.
-    pub async fn get(&self, name: &str) -> Result<Arc<Minted>, Refusal> {
+    pub(crate) async fn get(&self, name: &str) -> Result<Arc<Minted>, Refusal> {
         let result = self.get_inner(name).await;
         if let Err(refusal) = &result {
             self.refused(name, refusal);

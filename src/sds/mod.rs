@@ -14,7 +14,7 @@
 //! with `error_detail` set for a NACK. A NACK is logged; the same resource
 //! is not sent again until it changes (no resend loops).
 
-pub mod certs;
+pub(crate) mod certs;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -38,14 +38,14 @@ use certs::Certificates;
 
 /// The SDS service. Cheap to clone.
 #[derive(Clone)]
-pub struct Sds {
+pub(crate) struct Sds {
     certs: Arc<Certificates>,
     closing: Arc<watch::Sender<bool>>,
 }
 
 impl Sds {
     /// A service over `certs`.
-    pub fn new(certs: Arc<Certificates>) -> Sds {
+    pub(crate) fn new(certs: Arc<Certificates>) -> Sds {
         Sds {
             certs,
             closing: Arc::new(watch::Sender::new(false)),
@@ -54,12 +54,12 @@ impl Sds {
 
     /// Ends every open stream (SDS streams live as long as Envoy does, so a
     /// graceful shutdown would otherwise wait for them forever).
-    pub fn close_streams(&self) {
+    pub(crate) fn close_streams(&self) {
         self.closing.send_replace(true);
     }
 
     /// The tonic service.
-    pub fn into_service(self) -> SecretDiscoveryServiceServer<Sds> {
+    pub(crate) fn into_service(self) -> SecretDiscoveryServiceServer<Sds> {
         SecretDiscoveryServiceServer::new(self)
     }
 

@@ -30,7 +30,7 @@ pub struct BoundPod {
 
 /// Mints tokens with TokenRequest for one ServiceAccount.
 #[derive(Clone)]
-pub struct KubeTokenSource {
+pub(crate) struct KubeTokenSource {
     client: kube::Client,
     path: String,
     expiration: Duration,
@@ -40,7 +40,7 @@ pub struct KubeTokenSource {
 
 impl KubeTokenSource {
     /// A source minting per `settings` through `client`.
-    pub fn new(client: kube::Client, settings: &TokenSettings) -> KubeTokenSource {
+    pub(crate) fn new(client: kube::Client, settings: &TokenSettings) -> KubeTokenSource {
         let TokenSettings {
             namespace,
             service_account,
@@ -129,7 +129,7 @@ pub enum ClientError {
 /// The kube client for `settings`, with kube's own retries off: the token
 /// cache owns retries (backoff, Retry-After, serve-while-valid), and kube's
 /// retry loop would hide failures and multiply TokenRequests.
-pub async fn client(settings: &KubeSettings) -> Result<kube::Client, ClientError> {
+pub(crate) async fn client(settings: &KubeSettings) -> Result<kube::Client, ClientError> {
     let mut config = match &settings.kubeconfig {
         Some(path) => {
             let error = |reason| ClientError::Kubeconfig {

@@ -2,9 +2,9 @@
 //! they are cached and refreshed ([`cache::TokenCache`]), and how failures
 //! are described ([`Error`]).
 
-pub mod cache;
-pub mod kube;
-pub mod schedule;
+pub(crate) mod cache;
+pub(crate) mod kube;
+pub(crate) mod schedule;
 
 use std::future::Future;
 use std::time::{Duration, SystemTime};
