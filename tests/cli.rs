@@ -126,6 +126,33 @@ fn bad_configuration_exits_64_with_a_clear_message() {
         assert!(text.contains(want), "{args:?}: {text}");
         assert!(!text.contains("panicked"), "{text}");
     }
+    // Every invalid flag is reported at once, one line each, and the admin
+    // address is refused like the gRPC one (64, not clap's 2).
+    let (code, text) = run(
+        &[
+            "--namespace",
+            "d",
+            "--grpc-listen-address",
+            "nope",
+            "--admin-listen-address",
+            "nope",
+            "--token-expiration",
+            "5m",
+        ],
+        &[],
+    );
+    assert_eq!(code, 64, "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "kube-audience-proxy: no ServiceAccount: pass --service-account NAME or set SERVICE_ACCOUNT",
+            "kube-audience-proxy: --token-expiration 5m is below the API server's minimum of 10m",
+            "kube-audience-proxy: --grpc-listen-address \"nope\": expected a loopback IP:PORT or unix:/path",
+            "kube-audience-proxy: --admin-listen-address \"nope\": expected IP:PORT",
+        ],
+        "{text}"
+    );
     // Malformed values are refused by clap itself (exit 2) with the reason.
     let (code, text) = run(&["--log-level", "loud"], &[]);
     assert_eq!(code, 2);
