@@ -11,8 +11,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::Duration;
-
 use support::apiserver::{ApiServerOptions, FakeApiServer, Fault};
 use support::envoy::{self, Envoy};
 use support::processor::Processor;
@@ -134,7 +132,6 @@ async fn main() {
         let _ = tokio::signal::ctrl_c().await;
     }
     let (status, _) = processor.terminate().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
     println!("\nprocessor stopped ({status})");
 }
 
