@@ -53,6 +53,17 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// What failed, as the log line's message (the error says why).
+    pub fn summary(&self) -> &'static str {
+        match self {
+            RunError::Config(_) => "invalid configuration",
+            RunError::Runtime(_) | RunError::Telemetry(_) | RunError::Bind(_) => "cannot start",
+            RunError::Kube(_) => "cannot configure the Kubernetes client",
+            RunError::Ca(_) => "cannot set up the interception CA",
+            RunError::Serve(_) => "server failed",
+        }
+    }
+
     /// The process exit code: 64 when the operator must fix the
     /// configuration, 1 for everything else.
     pub fn exit_code(&self) -> u8 {

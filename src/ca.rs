@@ -76,11 +76,10 @@ impl From<rcgen::Error> for CaError {
 
 /// A minted leaf: certificate chain (leaf, then CA) and its private key.
 pub(crate) struct Leaf {
-    /// PEM chain.
+    /// Leaf then CA, as Envoy wants the chain.
     pub chain_pem: String,
     /// PEM private key (PKCS#8).
     pub key: KeyPem,
-    /// End of validity.
     pub not_after: SystemTime,
 }
 

@@ -162,7 +162,6 @@ impl HostPattern {
         pattern.ok_or_else(|| PatternError(raw.to_owned()))
     }
 
-    /// Whether `host` matches.
     pub fn matches(&self, host: &Host<'_>) -> bool {
         match (self, host) {
             (HostPattern::Exact(name), Host::Name(h)) => name.eq_ignore_ascii_case(h),
@@ -209,7 +208,6 @@ impl InterceptHosts {
         self.patterns.iter().any(|p| p.matches(host))
     }
 
-    /// The patterns.
     pub fn patterns(&self) -> &[HostPattern] {
         &self.patterns
     }

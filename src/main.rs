@@ -41,7 +41,7 @@ fn start() -> Result<(), RunError> {
 /// else to stderr, one line per error.
 fn report(error: &RunError) {
     if tracing::dispatcher::has_been_set() {
-        tracing::error!(%error, "kube-audience-proxy failed");
+        tracing::error!(%error, "{}", error.summary());
     } else {
         for line in error.to_string().lines() {
             eprintln!("kube-audience-proxy: {line}");

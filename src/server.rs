@@ -30,7 +30,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The gRPC listener: loopback TCP or a Unix socket.
 #[derive(Debug)]
 pub(crate) enum GrpcListener {
-    /// TCP.
     Tcp(TcpListener),
     /// A Unix socket; the file is removed when the server stops.
     Unix(UnixListener, PathBuf),
@@ -65,10 +64,8 @@ pub enum BindError {
 /// The server failed while running.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The gRPC server.
     #[error("gRPC server failed: {0}")]
     Grpc(tonic::transport::Error),
-    /// The admin server.
     #[error("admin server failed: {0}")]
     Admin(std::io::Error),
 }

@@ -3,6 +3,7 @@
 //! each, README.md lists them all.
 
 mod cli;
+mod error;
 #[cfg(test)]
 mod tests;
 
@@ -11,6 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use cli::{Cli, LogFormat, LogLevel};
+use error::Collector;
+pub use error::{ConfigError, ConfigErrors};
 
 use crate::audience::{self, Allowlist, Audience, Rules};
 use crate::ca::CaSettings;
@@ -130,122 +133,6 @@ pub enum ListenAddress {
     Unix(PathBuf),
 }
 
-// === errors ===
-
-/// One invalid setting.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// No ServiceAccount given.
-    #[error("no ServiceAccount: pass --service-account NAME or set SERVICE_ACCOUNT")]
-    MissingServiceAccount,
-    /// The namespace file could not be read.
-    #[error(
-        "no namespace: --namespace / POD_NAMESPACE not set and the namespace file {path} could not be read ({reason})"
-    )]
-    NamespaceFile {
-        path: PathBuf,
-        reason: std::io::Error,
-    },
-    /// A Kubernetes name is not a valid DNS-1123 subdomain.
-    #[error(
-        "{what} {value:?} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.')"
-    )]
-    InvalidName { what: &'static str, value: String },
-    /// A listen address that does not parse.
-    #[error("{flag} {value:?}: expected {expected}")]
-    ListenAddress {
-        flag: &'static str,
-        value: String,
-        expected: &'static str,
-    },
-    /// gRPC listener outside loopback.
-    #[error(
-        "--grpc-listen-address {0}: the processor hands out credentials, so it only listens on loopback (127.0.0.0/8, ::1) or a Unix socket"
-    )]
-    NotLoopback(SocketAddr),
-    /// Bad API server URL.
-    #[error("--apiserver {0:?} is not a valid URL")]
-    ApiServer(String),
-    /// Token lifetime too short.
-    #[error(
-        "--token-expiration {} is below the API server's minimum of {}",
-        humantime::format_duration(*.0),
-        humantime::format_duration(MIN_TOKEN_EXPIRATION)
-    )]
-    TokenExpiration(Duration),
-    /// Bad audience header name.
-    #[error("--audience-header {0:?} is not a valid HTTP header name")]
-    AudienceHeader(String),
-    /// Empty audience parameter name.
-    #[error("--audience-parameter must not be empty")]
-    AudienceParameter,
-    /// Bad default audience.
-    #[error("--default-audience: {0}")]
-    DefaultAudience(audience::Rejection),
-    /// Bad allowlist pattern.
-    #[error("--allowed-audience: {0}")]
-    AllowedAudience(glob::PatternError),
-    /// --bind-pod without the pod's identity.
-    #[error(
-        "--bind-pod needs the pod's name and UID: pass --pod-name/--pod-uid or set POD_NAME/POD_UID"
-    )]
-    MissingPod,
-    /// Bad intercept pattern.
-    #[error(transparent)]
-    InterceptHost(#[from] crate::intercept::PatternError),
-    /// Leaf validity out of range.
-    #[error(
-        "--certificate-validity must be between {} and --ca-validity",
-        humantime::format_duration(MIN_CERTIFICATE_VALIDITY)
-    )]
-    CertificateValidity,
-    /// A duration that must not be zero.
-    #[error("{0} must be longer than zero")]
-    ZeroDuration(&'static str),
-}
-
-/// Every invalid setting of a command line, reported together so an
-/// operator fixes them in one round. Exit code 64 (EX_USAGE).
-#[derive(Debug)]
-pub struct ConfigErrors(Vec<ConfigError>);
-
-impl ConfigErrors {
-    /// The errors, in flag order.
-    pub fn iter(&self) -> impl Iterator<Item = &ConfigError> {
-        self.0.iter()
-    }
-}
-
-impl std::fmt::Display for ConfigErrors {
-    /// One error per line.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, error) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{error}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
-/// Collects errors while every section is built, so none stops the others.
-#[derive(Default)]
-struct Collector(Vec<ConfigError>);
-
-impl Collector {
-    /// The value, or `None` with the error recorded.
-    fn take<T>(&mut self, result: Result<T, ConfigError>) -> Option<T> {
-        result.map_err(|error| self.0.push(error)).ok()
-    }
-
-    fn check(&mut self, ok: bool, error: impl FnOnce() -> ConfigError) -> Option<()> {
-        self.take(if ok { Ok(()) } else { Err(error()) })
-    }
-}
-
 // === building the sections ===
 
 impl TryFrom<Cli> for Config {
@@ -263,25 +150,18 @@ impl TryFrom<Cli> for Config {
             level: cli.log_level,
             format: cli.log_format,
         };
-        match (kube, tokens, cache, audience, interception, server) {
-            (
-                Some(kube),
-                Some(tokens),
-                Some(cache),
-                Some(audience),
-                Some(interception),
-                Some(server),
-            ) if errors.0.is_empty() => Ok(Config {
-                kube,
-                tokens,
-                cache,
-                audience,
-                interception,
-                server,
+        let config = (|| {
+            Some(Config {
+                kube: kube?,
+                tokens: tokens?,
+                cache: cache?,
+                audience: audience?,
+                interception: interception?,
+                server: server?,
                 telemetry,
-            }),
-            _ => Err(ConfigErrors(errors.0)),
-        }
+            })
+        })();
+        errors.finish(config)
     }
 }
 
@@ -479,7 +359,7 @@ fn parse_grpc_address(raw: &str) -> Result<ListenAddress, ConfigError> {
 
 /// `IP:PORT` (IPv6 in brackets), the one parser of every TCP address flag.
 fn parse_socket_address(flag: &'static str, raw: &str) -> Result<SocketAddr, ConfigError> {
-    raw.trim().parse().map_err(|_| ConfigError::ListenAddress {
+    raw.parse().map_err(|_| ConfigError::ListenAddress {
         flag,
         value: raw.to_owned(),
         expected: "IP:PORT",

@@ -6,7 +6,7 @@
 //!    a token, refuse, route a CONNECT, 421), from the request and the
 //!    configuration alone;
 //! 3. [`Decision::fetch`] asks the token cache only when the decision injects
-//!    a token, and [`respond`] (pure) turns the decision, its token and the
+//!    a token, and [`respond`] (no I/O besides its log line) turns the decision, its token and the
 //!    `--on-token-error` policy into Envoy's answer.
 //!
 //! Checks on the destination belong in [`Policy::decide`], which already sees
@@ -111,7 +111,6 @@ pub(crate) enum Decision<'a, T = ()> {
 /// A request that gets a token.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Injection<'a> {
-    /// The token's audience.
     pub audience: Audience,
     /// Where the audience came from (logged).
     pub source: Source,

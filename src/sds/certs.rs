@@ -60,7 +60,7 @@ pub(crate) enum Refusal {
 /// key, so it is [`Redacted`] and the derived `Debug` never shows it.
 #[derive(Debug)]
 pub(crate) struct Minted {
-    /// Secret name.
+    /// The SNI, or [`NO_SNI_SECRET`].
     pub name: String,
     /// Version (changes with every mint).
     pub version: String,
@@ -112,7 +112,7 @@ pub(crate) struct Certificates {
     versions: AtomicU64,
     /// Bounds the signing tasks in flight (see [`signers`]).
     signers: Arc<Semaphore>,
-    /// Counters.
+    /// Names refused and leaves signed (read by tests; metrics will).
     pub counters: Counters,
     #[cfg(test)]
     before_sign: Option<SignHook>,

@@ -58,7 +58,7 @@ impl Sds {
         self.closing.send_replace(true);
     }
 
-    /// The tonic service.
+    /// The service to add to the gRPC server (delta, SotW and fetch).
     pub(crate) fn into_service(self) -> SecretDiscoveryServiceServer<Sds> {
         SecretDiscoveryServiceServer::new(self)
     }

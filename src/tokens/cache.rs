@@ -23,7 +23,7 @@ use super::{Error, IssuedToken, TokenSource};
 use crate::audience::Audience;
 use crate::secret::Token;
 
-/// Cache limits.
+/// Bounds on what the cache holds (`--max-audiences`, `--audience-idle-timeout`).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Most audiences held at once (`--max-audiences`); the least recently
@@ -98,13 +98,10 @@ impl Entry {
 }
 
 impl<S: TokenSource> TokenCache<S> {
-    /// A cache over `source` with the default refresh [`Policy`].
+    /// A cache over `source` with the refresh [`Policy`] of the kubelet's
+    /// token manager.
     pub fn new(source: S, limits: Limits) -> TokenCache<S> {
-        Self::with_policy(source, limits, Policy::default())
-    }
-
-    /// A cache with an explicit refresh and retry [`Policy`].
-    pub fn with_policy(source: S, limits: Limits, policy: Policy) -> TokenCache<S> {
+        let policy = Policy::default();
         let entries = moka::future::Cache::builder()
             .max_capacity(limits.max_audiences)
             .time_to_idle(limits.idle_timeout)
@@ -139,11 +136,13 @@ impl<S: TokenSource> TokenCache<S> {
     }
 
     /// Number of audiences currently cached (approximate, as moka counts).
+    #[cfg(test)]
     pub fn len(&self) -> u64 {
         self.entries.entry_count()
     }
 
     /// Whether no audience is cached.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

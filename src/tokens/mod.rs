@@ -47,10 +47,7 @@ pub enum Error {
     NotFound,
     /// 400/422: the API server found the TokenRequest invalid.
     #[error("the API server rejected the TokenRequest as invalid (HTTP {status})")]
-    Invalid {
-        /// The HTTP status.
-        status: u16,
-    },
+    Invalid { status: u16 },
     /// 429: the API server asks to slow down.
     #[error("the API server is rate limiting TokenRequests (429 Too Many Requests)")]
     RateLimited {
@@ -59,16 +56,10 @@ pub enum Error {
     },
     /// 5xx: the API server failed.
     #[error("the API server failed (HTTP {status})")]
-    Server {
-        /// The HTTP status.
-        status: u16,
-    },
+    Server { status: u16 },
     /// Any other status.
     #[error("the API server answered the TokenRequest with unexpected HTTP {status}")]
-    Unexpected {
-        /// The HTTP status.
-        status: u16,
-    },
+    Unexpected { status: u16 },
     /// The API server could not be reached.
     #[error("could not reach the API server: {0}")]
     Transport(String),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 /// Refresh and retry tuning. [`Policy::default`] is what the proxy uses.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Fraction of the lifetime after which a refresh starts.
     pub refresh_fraction: f64,
     /// Largest fraction of the lifetime the refresh may start earlier.
@@ -43,7 +43,7 @@ impl Default for Policy {
 impl Policy {
     /// When, after receipt, a token of `lifetime` should be refreshed.
     /// `jitter` is a number in `[0, 1)` (random in production).
-    pub fn refresh_after(&self, lifetime: Duration, jitter: f64) -> Duration {
+    pub(crate) fn refresh_after(&self, lifetime: Duration, jitter: f64) -> Duration {
         let jitter = jitter.clamp(0.0, 1.0);
         let fraction = (self.refresh_fraction - self.jitter_fraction * jitter).max(0.0);
         lifetime.mul_f64(fraction)
@@ -51,13 +51,13 @@ impl Policy {
 
     /// For how long, after receipt, a token of `lifetime` may be handed out.
     /// Zero means the token is useless.
-    pub fn usable_for(&self, lifetime: Duration) -> Duration {
+    pub(crate) fn usable_for(&self, lifetime: Duration) -> Duration {
         lifetime.saturating_sub(self.expiry_margin)
     }
 
     /// How long to wait before retry number `attempt` (0 for the first
     /// retry) after a failure; `retry_after` is the server's hint.
-    pub fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    pub(crate) fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let exponential = self
             .min_backoff
             .checked_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
