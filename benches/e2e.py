@@ -6,7 +6,10 @@ Everything listens on 127.0.0.1 and every load is bounded in time.
 Writes benches/results/e2e.json; scripts/bench then renders BENCHMARKS.md.
 
 Knobs (environment): BENCH_SECONDS (wrk run length, default 6),
-BENCH_REPEATS (default 3), BENCH_SOAK_SECONDS (memory soak, default 120).
+BENCH_REPEATS (default 3), BENCH_SOAK_SECONDS (memory soak, default 120),
+BENCH_SDS_RUNS (leaf minting bursts, default 5), BENCH_PARTS (default
+e2e,only,sds,cold,memory; e.g. BENCH_PARTS=sds runs only the minting burst),
+BENCH_OUT (where the results go).
 """
 import json
 import os
@@ -27,8 +30,10 @@ ENVOY = os.environ.get("ENVOY_BIN", str(ROOT / ".venv" / "bin" / "envoy"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "6"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 SOAK = int(os.environ.get("BENCH_SOAK_SECONDS", "120"))
+SDS_RUNS = int(os.environ.get("BENCH_SDS_RUNS", "5"))
 CONCURRENCIES = [1, 32]
 PROXY, ADMIN, PROC_TCP, PROC_ADMIN, PROC_UDS_ADMIN, FLOOR = 18100, 18101, 18110, 18111, 18112, 18120
+PROC_SDS, PROC_SDS_ADMIN = 18130, 18131
 VARIANTS = [
     ("a", "forward", "Envoy forwarding only"),
     ("b", "native", "Envoy injecting a static header natively"),
@@ -40,7 +45,7 @@ VARIANTS = [
     ("g", "processor_pooled", "(c) with at most 8 streams per connection to the processor"),
 ]
 SELECTED = os.environ.get("BENCH_VARIANTS", "a,b,c,d,e").split(",")
-PARTS = os.environ.get("BENCH_PARTS", "e2e,only,cold,memory").split(",")
+PARTS = os.environ.get("BENCH_PARTS", "e2e,only,sds,cold,memory").split(",")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -239,7 +244,37 @@ def main():
                     only.append(result)
         results["processor_only"] = only
 
-        # 3. Cold path: a new audience through Envoy vs the TokenRequest alone.
+        # 3. Leaf minting burst: a fresh processor per run (cold leaf cache) on its default
+        # one-worker runtime; sds_burst subscribes 1,500 new names over delta SDS while it
+        # times health checks and pass-through ext_proc streams (idle, then during the burst).
+        bursts = []
+        for repeat in range(SDS_RUNS if "sds" in PARTS else 0):
+            ca = work / f"sds-{repeat}" / "ca.crt"
+            ca.parent.mkdir()
+            proc = subprocess.Popen(common + ["--intercept-host", "*.example.test", "--max-certificates", "2000",
+                                              "--ca-file-destination", str(ca),
+                                              "--grpc-listen-address", f"127.0.0.1:{PROC_SDS}",
+                                              "--admin-listen-address", f"127.0.0.1:{PROC_SDS_ADMIN}"])
+            try:
+                wait_port(PROC_SDS)
+                cpu0 = cpu_seconds(proc.pid)
+                out = subprocess.run([str(REL / "examples" / "sds_burst"), "--target", f"127.0.0.1:{PROC_SDS}",
+                                      "--deadline-seconds", "30"],
+                                     capture_output=True, text=True, timeout=90, check=True).stdout
+                result = json.loads(out.strip().splitlines()[-1])
+                result.update(repeat=repeat, processor_cpu_s=cpu_seconds(proc.pid) - cpu0,
+                              rss_after_kib=rss_kib(proc.pid))
+            finally:
+                stop(proc)
+            if not result["complete"]:
+                raise SystemExit(f"sds_burst did not complete: {result}")
+            log("sds", f"{result['answered']} names in {result['burst_ms']:.0f} ms",
+                *(f"{kind} p99 idle {result['probes'][kind]['idle']['p99_us']} us"
+                  f" burst {result['probes'][kind]['burst']['p99_us']} us" for kind in ("health", "ext_proc")))
+            bursts.append(result)
+        results["sds_burst"] = bursts
+
+        # 4. Cold path: a new audience through Envoy vs the TokenRequest alone.
         if "cold" not in PARTS:
             raise Done
         envoy = start_envoy(work / "processor_tcp.yaml")
@@ -265,7 +300,7 @@ def main():
         finally:
             stop(envoy)
 
-        # 4. Memory: 1,000 cached audiences, then a bounded soak.
+        # 5. Memory: 1,000 cached audiences, then a bounded soak.
         if "memory" not in PARTS:
             raise Done
         load(f"127.0.0.1:{PROC_TCP}", 8, None, ["--audiences", "1000", "--requests", "1000"])
