@@ -6,7 +6,7 @@ Everything listens on 127.0.0.1 and every load is bounded in time.
 Writes benches/results/e2e.json; scripts/bench then renders BENCHMARKS.md.
 
 Knobs (environment): BENCH_SECONDS (wrk run length, default 6),
-BENCH_REPEATS (default 3), BENCH_SOAK_SECONDS (memory soak, default 120),
+BENCH_REPEATS (default 5), BENCH_SOAK_SECONDS (memory soak, default 120),
 BENCH_SDS_RUNS (leaf minting bursts, default 5), BENCH_PARTS (default
 e2e,only,sds,cold,memory; e.g. BENCH_PARTS=sds runs only the minting burst),
 BENCH_OUT (where the results go).
@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 REL = ROOT / "target" / "release"
 ENVOY = os.environ.get("ENVOY_BIN", str(ROOT / ".venv" / "bin" / "envoy"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "6"))
-REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
 SOAK = int(os.environ.get("BENCH_SOAK_SECONDS", "120"))
 SDS_RUNS = int(os.environ.get("BENCH_SDS_RUNS", "5"))
 CONCURRENCIES = [1, 32]
