@@ -92,7 +92,9 @@ pub struct Cli {
     )]
     pub default_audience: Option<String>,
 
-    /// Allowed audience, exact or glob (`*`, `?`, `[..]`); repeatable (or
+    /// Allowed audience, exact or glob (`*`, `?`, `[..]`; wildcards never
+    /// match `/ ? # @ \ %`, so one stays inside a host label or path
+    /// segment; `**` is refused); repeatable (or
     /// comma-separated in the environment). None given: any audience.
     #[arg(
         long,

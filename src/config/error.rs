@@ -60,7 +60,7 @@ pub enum ConfigError {
     DefaultAudience(audience::Rejection),
     /// Bad allowlist pattern.
     #[error("--allowed-audience: {0}")]
-    AllowedAudience(glob::PatternError),
+    AllowedAudience(crate::allowlist::PatternError),
     /// --bind-pod without the pod's identity.
     #[error(
         "--bind-pod needs the pod's name and UID: pass --pod-name/--pod-uid or set POD_NAME/POD_UID"

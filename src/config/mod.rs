@@ -15,7 +15,8 @@ pub use cli::{Cli, LogFormat, LogLevel};
 use error::Collector;
 pub use error::{ConfigError, ConfigErrors};
 
-use crate::audience::{self, Allowlist, Audience, Rules};
+use crate::allowlist::Allowlist;
+use crate::audience::{self, Audience, Rules};
 use crate::ca::CaSettings;
 use crate::ext_proc::OnTokenError;
 use crate::intercept::InterceptHosts;

@@ -65,6 +65,17 @@ fn namespace_file_is_read_and_trimmed() {
 fn clear_errors_for_bad_input() {
     let cases: &[(&[&str], &str)] = &[
         (
+            &[
+                "--service-account",
+                "a",
+                "--namespace",
+                "d",
+                "--allowed-audience",
+                "https://**.example.com",
+            ],
+            "`**` is not supported",
+        ),
+        (
             &["--namespace", "demo"],
             "--service-account NAME or set SERVICE_ACCOUNT",
         ),
