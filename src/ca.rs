@@ -297,17 +297,26 @@ pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Resul
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    // A fresh name, created with O_EXCL and mode 0600: a file or symlink
+    // planted at that path is never followed or reused, and nobody else can
+    // read the contents before they are complete. The final mode is set
+    // just before the rename.
+    let tmp = dir.join(format!(
+        ".{file_name}.{}.{:016x}.tmp",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        // Nothing was created: nothing to remove.
+        .map_err(|reason| error("cannot write", reason))?;
     let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
         file.sync_all()?;
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
         fs::rename(&tmp, path)
     })();
     if let Err(reason) = result {
@@ -448,6 +457,24 @@ mod tests {
         fs::write(&key, "garbage").unwrap();
         let err = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap_err();
         assert!(err.to_string().contains("unusable"), "{err}");
+    }
+
+    #[test]
+    fn atomic_writes_leave_no_temporary_file_and_replace_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.crt");
+        write_atomically(&path, b"first", 0o644).unwrap();
+        write_atomically(&path, b"second", 0o644).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["ca.crt"]);
     }
 
     #[test]
