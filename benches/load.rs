@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use support::arg;
 
 fn request(audience: &str) -> ProcessingRequest {
     let path = format!("/metrics?kubernetes-audience={audience}");
@@ -27,14 +28,6 @@ fn request(audience: &str) -> ProcessingRequest {
         ("x-forwarded-proto", "http"),
         ("x-request-id", "0b0f8e4e-7a53-4a86-9d5b-2b9a6a7a3c11"),
     ])
-}
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_owned())
 }
 
 #[tokio::main]

@@ -34,21 +34,23 @@
 //! times out after 10 s, and the idle wait and the burst end at
 //! `--deadline-seconds`.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Answer;
-use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRequest};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use prost::Name;
 use serde_json::json;
+use support::arg;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -56,14 +58,6 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_owned())
-}
 
 fn current_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -106,31 +100,14 @@ impl Kind {
     }
 }
 
-/// A pass-through request: no audience anywhere, values in `raw_value` as
-/// Envoy sends them.
+/// A pass-through `request_headers` message (no audience), with values in
+/// `raw_value` as Envoy sends them.
 fn pass_through() -> ProcessingRequest {
-    let headers = [
+    support::inproc::request_headers(&[
         (":method", "GET"),
         (":authority", "upstream.test"),
         (":path", "/"),
-    ];
-    ProcessingRequest {
-        request: Some(Phase::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: headers
-                    .iter()
-                    .map(|(key, value)| HeaderValue {
-                        key: (*key).to_owned(),
-                        value: String::new(),
-                        raw_value: value.as_bytes().to_vec(),
-                    })
-                    .collect(),
-            }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    ])
 }
 
 enum Client {

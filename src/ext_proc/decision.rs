@@ -5,9 +5,10 @@
 //! 2. [`Policy::decide`]: pure, what to do with the request (forward, inject
 //!    a token, refuse, route a CONNECT, 421), from the request and the
 //!    configuration alone;
-//! 3. [`Decision::fetch`] asks the token cache only when the decision injects
-//!    a token, and [`respond`] (no I/O besides its log line) turns the decision, its token and the
-//!    `--on-token-error` policy into Envoy's answer.
+//! 3. [`respond`] answers a [`Verdict`] at once; an [`Injection`] first
+//!    asks the token cache, then [`inject`] turns the token (or the failure
+//!    and the `--on-token-error` policy) into Envoy's answer. Both are pure
+//!    but for their log line.
 //!
 //! Checks on the destination belong in [`Policy::decide`], which already sees
 //! the `:authority` and, inside intercepted TLS, the SNI.
@@ -25,8 +26,7 @@ use super::{INTERCEPT_MARKER, OnTokenError, SNI_ATTRIBUTE, StreamContext};
 use crate::audience::{Audience, Rejection, RequestParts, Rules, Source};
 use crate::intercept::{Host, InterceptHosts};
 use crate::secret::Token;
-use crate::tokens::cache::TokenCache;
-use crate::tokens::{self, TokenSource};
+use crate::tokens;
 
 /// The parts of one request the decision reads, borrowed from Envoy's
 /// message (no header is copied).
@@ -82,14 +82,21 @@ impl<'a> Request<'a> {
     }
 }
 
-/// What the processor does with a request. `T` is the token an injection
-/// carries: `()` as decided, the cache's answer once fetched ([`Fetched`]).
+/// What the processor does with a request: answer at once, or get a token
+/// first (only then is the cache asked).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Decision<'a, T = ()> {
+pub(crate) enum Decision<'a> {
+    /// Answer without a token.
+    Answer(Verdict<'a>),
+    /// Forward with a token for the audience, audience markers removed.
+    Inject(Injection<'a>),
+}
+
+/// A decision that needs no token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict<'a> {
     /// No audience: forward the request untouched.
     PassThrough,
-    /// Forward with a token for the audience, audience markers removed.
-    Inject(Injection<'a>, T),
     /// 400/403: the audience is malformed, ambiguous or not allowed.
     Refuse(Rejection),
     /// A CONNECT (never given a token): mark a tunnel to an intercepted host
@@ -118,9 +125,6 @@ pub(crate) struct Injection<'a> {
     pub mutation: Mutation<'a>,
 }
 
-/// A decision whose token, if it needs one, has been asked of the cache.
-pub(crate) type Fetched<'a> = Decision<'a, Result<Token, Arc<tokens::Error>>>;
-
 /// The configuration the decision applies.
 #[derive(Clone, Debug)]
 pub(crate) struct Policy {
@@ -138,16 +142,16 @@ impl Policy {
                 .ok()
                 .and_then(Host::from_authority)
                 .is_some_and(|(host, _)| self.intercept.matches(&host));
-            return Decision::Connect {
+            return Decision::Answer(Verdict::Connect {
                 authority: request.authority,
                 intercept,
                 client_marked: request.marked,
-            };
+            });
         }
         if let Some(sni) = request.sni
             && let Err(reason) = authority_matches_sni(request.authority, sni)
         {
-            return Decision::Misdirected(reason);
+            return Decision::Answer(Verdict::Misdirected(reason));
         }
         let parts = RequestParts {
             header_values: &request.audience_headers,
@@ -156,12 +160,12 @@ impl Policy {
         };
         let resolution = match self.rules.resolve(parts) {
             Ok(resolution) => resolution,
-            Err(rejection) => return Decision::Refuse(rejection),
+            Err(rejection) => return Decision::Answer(Verdict::Refuse(rejection)),
         };
         // Without an audience there is nothing to remove: a header or a
         // parameter that was present either named one or was refused.
         let Some((audience, source)) = resolution.audience else {
-            return Decision::PassThrough;
+            return Decision::Answer(Verdict::PassThrough);
         };
         let mutation = Mutation {
             remove: resolution
@@ -169,73 +173,26 @@ impl Policy {
                 .then_some(self.rules.header.as_str()),
             path: resolution.new_path,
         };
-        Decision::Inject(
-            Injection {
-                audience,
-                source,
-                mutation,
-            },
-            (),
-        )
+        Decision::Inject(Injection {
+            audience,
+            source,
+            mutation,
+        })
     }
 }
 
-impl<'a> Decision<'a> {
-    /// Gets the token an injection needs from `tokens` (minting it on a
-    /// miss); every other decision is returned unchanged, with no lookup.
-    pub(crate) async fn fetch<S: TokenSource>(self, tokens: &TokenCache<S>) -> Fetched<'a> {
-        match self {
-            Decision::Inject(injection, ()) => {
-                let token = tokens.get(&injection.audience).await;
-                Decision::Inject(injection, token)
-            }
-            Decision::PassThrough => Decision::PassThrough,
-            Decision::Refuse(rejection) => Decision::Refuse(rejection),
-            Decision::Connect {
-                authority,
-                intercept,
-                client_marked,
-            } => Decision::Connect {
-                authority,
-                intercept,
-                client_marked,
-            },
-            Decision::Misdirected(reason) => Decision::Misdirected(reason),
-        }
-    }
-}
-
-/// Envoy's answer to a decided (and fetched) request. With no token,
-/// `on_token_error` decides between 503 and forwarding without one (the
-/// audience markers are removed either way).
-pub(crate) fn respond(decision: Fetched<'_>, on_token_error: OnTokenError) -> ProcessingResponse {
-    match decision {
-        Decision::PassThrough => {
+/// Envoy's answer to a request that needs no token.
+pub(crate) fn respond(verdict: Verdict<'_>) -> ProcessingResponse {
+    match verdict {
+        Verdict::PassThrough => {
             tracing::debug!("no audience: passing the request through");
             response::request_headers(Mutation::default())
         }
-        Decision::Inject(injection, Ok(token)) => {
-            tracing::debug!(audience = %injection.audience, source = injection.source.as_str(), "injecting a token");
-            response::inject(&token, injection.mutation)
-        }
-        Decision::Inject(injection, Err(error)) => {
-            let audience = &injection.audience;
-            match on_token_error {
-                OnTokenError::Deny => {
-                    tracing::warn!(%audience, %error, "no token: refusing the request (503)");
-                    response::token_unavailable(audience.as_str(), &error)
-                }
-                OnTokenError::Allow => {
-                    tracing::warn!(%audience, %error, "no token: forwarding without one (--on-token-error allow)");
-                    response::request_headers(injection.mutation)
-                }
-            }
-        }
-        Decision::Refuse(rejection) => {
+        Verdict::Refuse(rejection) => {
             tracing::info!(%rejection, "refused a request");
             response::refuse(&rejection)
         }
-        Decision::Connect {
+        Verdict::Connect {
             authority,
             intercept,
             client_marked,
@@ -243,9 +200,34 @@ pub(crate) fn respond(decision: Fetched<'_>, on_token_error: OnTokenError) -> Pr
             tracing::debug!(authority = %String::from_utf8_lossy(authority), intercept, "CONNECT");
             response::connect(INTERCEPT_MARKER, intercept, client_marked)
         }
-        Decision::Misdirected(reason) => {
+        Verdict::Misdirected(reason) => {
             tracing::info!(%reason, "refused a request whose host differs from its TLS server name (421)");
             response::misdirected(&reason)
+        }
+    }
+}
+
+/// Envoy's answer to an injection, given what the cache returned. With no
+/// token, `on_token_error` decides between 503 and forwarding without one
+/// (the audience markers are removed either way).
+pub(crate) fn inject(
+    injection: Injection<'_>,
+    token: Result<Token, Arc<tokens::Error>>,
+    on_token_error: OnTokenError,
+) -> ProcessingResponse {
+    let audience = &injection.audience;
+    match (token, on_token_error) {
+        (Ok(token), _) => {
+            tracing::debug!(%audience, source = injection.source.as_str(), "injecting a token");
+            response::inject(&token, injection.mutation)
+        }
+        (Err(error), OnTokenError::Deny) => {
+            tracing::warn!(%audience, %error, "no token: refusing the request (503)");
+            response::token_unavailable(audience.as_str(), &error)
+        }
+        (Err(error), OnTokenError::Allow) => {
+            tracing::warn!(%audience, %error, "no token: forwarding without one (--on-token-error allow)");
+            response::request_headers(injection.mutation)
         }
     }
 }

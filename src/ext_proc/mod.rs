@@ -31,7 +31,7 @@ use crate::audience::{self, Rules};
 use crate::intercept::InterceptHosts;
 use crate::tokens::TokenSource;
 use crate::tokens::cache::TokenCache;
-use decision::{Policy, Request};
+use decision::{Decision, Policy, Request};
 
 /// What to do when no token can be had for a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -135,8 +135,13 @@ impl<S: TokenSource> ExtProc<S> {
                     context,
                     &inner.policy.rules.header,
                 );
-                let decision = inner.policy.decide(&request).fetch(&inner.tokens).await;
-                Ok(decision::respond(decision, inner.on_token_error))
+                Ok(match inner.policy.decide(&request) {
+                    Decision::Answer(verdict) => decision::respond(verdict),
+                    Decision::Inject(injection) => {
+                        let token = inner.tokens.get(&injection.audience).await;
+                        decision::inject(injection, token, inner.on_token_error)
+                    }
+                })
             }
             Some(Phase::ResponseHeaders(_)) => Ok(response::response_headers()),
             Some(Phase::RequestBody(_)) => Ok(response::request_body()),

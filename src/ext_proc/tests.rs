@@ -1,5 +1,5 @@
 //! Every outcome of a `request_headers` message, through the processor
-//! (scan, decide, fetch, respond) with a fake token source: no network.
+//! (scan, decide, token lookup, respond/inject) with a fake token source: no network.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 
-use super::decision::{Decision, Injection, Policy, Request};
+use super::decision::{Decision, Injection, Policy, Request, Verdict};
 use super::response::Mutation;
 use super::*;
 use crate::allowlist::Allowlist;
@@ -498,17 +498,14 @@ fn the_decision_is_pure() {
     };
     assert_eq!(
         policy.decide(&request),
-        Decision::Inject(
-            Injection {
-                audience: Audience::parse(b"a1", Source::Header).unwrap(),
-                source: Source::Header,
-                mutation: Mutation {
-                    remove: Some(AUD),
-                    path: Some(b"/p".to_vec()),
-                },
+        Decision::Inject(Injection {
+            audience: Audience::parse(b"a1", Source::Header).unwrap(),
+            source: Source::Header,
+            mutation: Mutation {
+                remove: Some(AUD),
+                path: Some(b"/p".to_vec()),
             },
-            (),
-        )
+        })
     );
     let ambiguous = Request {
         audience_headers: vec![b"a1", b"a2"],
@@ -516,8 +513,8 @@ fn the_decision_is_pure() {
     };
     assert_eq!(
         policy.decide(&ambiguous),
-        Decision::Refuse(Rejection::Ambiguous {
+        Decision::Answer(Verdict::Refuse(Rejection::Ambiguous {
             from: Source::Header
-        })
+        }))
     );
 }

@@ -14,6 +14,16 @@ pub mod processor;
 pub mod tls;
 pub mod upstream;
 
+/// The value after `name` on this process's command line, or `default`
+/// (the benchmark and demo binaries' flag parsing).
+pub fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_owned())
+}
+
 /// A kubeconfig for the test API server, in a temporary directory that lives
 /// as long as this value.
 pub struct Kubeconfig {
