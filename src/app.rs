@@ -102,6 +102,7 @@ impl App {
             None => None,
         };
         let listeners = Listeners::bind(&config.server.grpc, config.server.admin).await?;
+        log_destination_rules(&config);
         tracing::info!(
             grpc = %listeners.grpc_address(),
             admin = %listeners.admin_address(),
@@ -154,6 +155,22 @@ pub fn processor<S: TokenSource>(config: &Config, source: S) -> ExtProc<S> {
         config.tokens.on_token_error,
         hosts,
     )
+}
+
+/// One line on where tokens may go: without `--audience-rule`, anywhere.
+fn log_destination_rules(config: &Config) {
+    let rules = config.audience.destinations.rules();
+    if rules.is_empty() {
+        tracing::warn!(
+            "no --audience-rule: any destination may receive tokens for any allowed audience"
+        );
+    } else {
+        let rules: Vec<String> = rules.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            rules = %rules.join(" "),
+            "destination rules: a token only goes where a rule admits its audience"
+        );
+    }
 }
 
 /// Creates (or loads) the CA, writes its certificate for the client, and

@@ -8,7 +8,13 @@
 //! 2. the audience query parameter (default `kubernetes-audience`);
 //! 3. Envoy-side configuration: the gRPC initial metadata of the ext_proc
 //!    stream (`x-kubernetes-audience`, settable per route);
-//! 4. the default audience, if configured.
+//! 4. the first destination rule matching the request's destination
+//!    (`--audience-rule`, see `crate::destination`), unless its audience
+//!    is `*`;
+//! 5. the default audience, if configured.
+//!
+//! Whether the resolved audience may go to the destination at all (the
+//! rules' binding) is checked by the caller, `ext_proc::decision`.
 //!
 //! The header and the query parameter are always removed before the request
 //! goes upstream, whichever source won, so the client cannot leak them.
@@ -20,6 +26,7 @@ use std::sync::Arc;
 use percent_encoding::percent_decode;
 
 use crate::allowlist::Allowlist;
+use crate::destination::{Destination, DestinationRules};
 
 /// Longest audience accepted, in bytes (after percent-decoding).
 pub(crate) const MAX_AUDIENCE_LEN: usize = 1024;
@@ -77,6 +84,8 @@ pub enum Source {
     Metadata,
     /// The processor's `--default-audience`.
     Default,
+    /// A destination rule (`--audience-rule`).
+    Rule,
 }
 
 impl Source {
@@ -87,6 +96,7 @@ impl Source {
             Source::QueryParameter => "query parameter",
             Source::Metadata => "Envoy metadata",
             Source::Default => "default",
+            Source::Rule => "destination rule",
         }
     }
 }
@@ -110,6 +120,12 @@ pub enum Rejection {
     /// The audience is not in `--allowed-audience`.
     #[error("the audience {audience:?} is not allowed by this proxy")]
     NotAllowed { audience: Audience },
+    /// Destination rules exist and none matching the destination admits the
+    /// audience; `host` is the destination (`http://host:port`).
+    #[error(
+        "the audience {audience:?} may not be sent to {host:?}: no --audience-rule for this destination admits it"
+    )]
+    NotBound { audience: Audience, host: String },
 }
 
 /// The configured rules for finding an audience in a request.
@@ -123,6 +139,8 @@ pub struct Rules {
     pub default: Option<Audience>,
     /// Audiences that may be used.
     pub allowlist: Allowlist,
+    /// `--audience-rule`: audiences per destination, and their binding.
+    pub destinations: DestinationRules,
 }
 
 /// The parts of a request that audience resolution reads.
@@ -135,6 +153,9 @@ pub struct RequestParts<'a> {
     pub path: Option<&'a [u8]>,
     /// The audience named by the ext_proc stream's metadata.
     pub metadata: Option<&'a [u8]>,
+    /// Where the request goes, for the destination rules (`None`: no rules,
+    /// or the `:authority` is not a host).
+    pub destination: Option<Destination<'a>>,
 }
 
 /// The outcome of resolution for an accepted request.
@@ -169,6 +190,11 @@ impl Rules {
             ))
         } else if let Some(raw) = parts.metadata {
             Some((Audience::parse(raw, Source::Metadata)?, Source::Metadata))
+        } else if let Some(supplied) = parts
+            .destination
+            .and_then(|destination| self.destinations.supply(&destination))
+        {
+            Some((supplied?, Source::Rule))
         } else {
             self.default.clone().map(|a| (a, Source::Default))
         };
@@ -309,6 +335,7 @@ mod tests {
             parameter: "kubernetes-audience".into(),
             default: None,
             allowlist: Allowlist::default(),
+            destinations: DestinationRules::default(),
         }
     }
 
@@ -447,6 +474,7 @@ mod tests {
             header_values: header,
             path: Some(b"/p?kubernetes-audience=Q"),
             metadata: Some(b"M"),
+            destination: None,
         };
         let res = r.resolve(all).unwrap();
         assert_eq!(res.audience, Some((aud("H"), Source::Header)));

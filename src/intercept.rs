@@ -19,7 +19,7 @@ use std::net::IpAddr;
 
 /// Longest DNS name in its text form without the trailing dot (RFC 1035:
 /// 255 octets on the wire, less the length octets).
-const MAX_NAME_LEN: usize = 253;
+pub(crate) const MAX_NAME_LEN: usize = 253;
 /// Longest label (RFC 1035).
 const MAX_LABEL_LEN: usize = 63;
 
@@ -114,7 +114,7 @@ impl<'a> Host<'a> {
 /// `host:port`, `[v6]:port`, `host` or `[v6]` → (host, port). The host is
 /// returned as written (brackets included) for [`Host::parse`]; a bare IPv6
 /// address (more than one `:`) has no port.
-fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+pub(crate) fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
     if let Some(rest) = authority.strip_prefix('[') {
         let end = rest.find(']')?;
         let host = &authority[..end + 2];

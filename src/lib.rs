@@ -8,6 +8,7 @@
 //! - [`config`]: the command line, validated into one section per consumer;
 //! - `app`: [`run`] assembles the parts below and serves them;
 //! - `audience` finds the audience a request asks for (pure);
+//! - `destination`: the `--audience-rule` destination rules (pure);
 //! - `tokens` mints bound tokens with TokenRequest and caches them;
 //! - `ext_proc` is the gRPC service Envoy calls per request;
 //! - `intercept`, `ca` and `sds`: which hosts are intercepted, the CA that
@@ -25,6 +26,7 @@ mod app;
 mod audience;
 mod ca;
 pub mod config;
+mod destination;
 mod ext_proc;
 mod intercept;
 mod moka_ext;

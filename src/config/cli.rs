@@ -104,6 +104,32 @@ pub struct Cli {
     )]
     pub allowed_audience: Vec<String>,
 
+    /// Destination rule HOST=AUDIENCE: a request to HOST that names no
+    /// audience gets AUDIENCE, and once any rule is given a token goes only
+    /// to a destination whose rules admit its audience (else 403, before any
+    /// TokenRequest; --default-audience and Envoy route audiences too).
+    /// Repeatable (comma-separated in the environment); the first matching
+    /// rule supplies the audience.
+    ///
+    /// HOST: a name, `*.suffix`, an IP address or a CIDR block, optionally
+    /// with `:PORT` (`api.example:8443`, `[::1]:443`, `10.0.0.0/8:443`,
+    /// `[fd00::/8]:443`; without one any port); names are compared
+    /// case-insensitively without the trailing dot. `https://HOST` covers
+    /// only requests inside intercepted TLS (the token never travels in
+    /// clear from the proxy); without a scheme plain HTTP is covered too.
+    ///
+    /// AUDIENCE: a literal; a template with `{host}` (the request's host in
+    /// lower case, IPv6 in brackets: `https://{host}`); or `*` (any audience
+    /// the request names, still subject to --allowed-audience; supplies
+    /// none). Without any rule, any destination may receive tokens.
+    #[arg(
+        long,
+        env = "KUBE_AUDIENCE_PROXY_AUDIENCE_RULES",
+        value_name = "HOST=AUDIENCE",
+        value_delimiter = ','
+    )]
+    pub audience_rule: Vec<String>,
+
     /// Requested token lifetime (`expirationSeconds`), e.g. `1h`, `30m`;
     /// at least 10m, as the API server requires.
     #[arg(

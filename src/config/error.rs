@@ -61,6 +61,9 @@ pub enum ConfigError {
     /// Bad allowlist pattern.
     #[error("--allowed-audience: {0}")]
     AllowedAudience(crate::allowlist::PatternError),
+    /// Bad destination rule (one per rule).
+    #[error(transparent)]
+    AudienceRule(#[from] crate::destination::RuleError),
     /// --bind-pod without the pod's identity.
     #[error(
         "--bind-pod needs the pod's name and UID: pass --pod-name/--pod-uid or set POD_NAME/POD_UID"

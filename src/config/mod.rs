@@ -18,6 +18,7 @@ pub use error::{ConfigError, ConfigErrors};
 use crate::allowlist::Allowlist;
 use crate::audience::{self, Audience, Rules};
 use crate::ca::CaSettings;
+use crate::destination::DestinationRules;
 use crate::ext_proc::OnTokenError;
 use crate::intercept::InterceptHosts;
 use crate::tokens::cache::Limits;
@@ -273,6 +274,7 @@ fn audience_rules(cli: &Cli, errors: &mut Collector) -> Option<Rules> {
         (Some(_), None) => None,
         (None, _) => Some(None),
     };
+    let destinations = destination_rules(cli, allowlist.as_ref(), errors);
     header_ok?;
     parameter_ok?;
     Some(Rules {
@@ -280,7 +282,25 @@ fn audience_rules(cli: &Cli, errors: &mut Collector) -> Option<Rules> {
         parameter: cli.audience_parameter.clone(),
         default: default?,
         allowlist: allowlist?,
+        destinations: destinations?,
     })
+}
+
+/// `--audience-rule`, every bad rule reported on its own line.
+fn destination_rules(
+    cli: &Cli,
+    allowlist: Option<&Allowlist>,
+    errors: &mut Collector,
+) -> Option<DestinationRules> {
+    match DestinationRules::new(&cli.audience_rule, allowlist) {
+        Ok(rules) => Some(rules),
+        Err(bad) => {
+            for error in bad {
+                errors.take::<()>(Err(error.into()));
+            }
+            None
+        }
+    }
 }
 
 fn default_audience(raw: &str, allowlist: &Allowlist) -> Result<Option<Audience>, ConfigError> {

@@ -4,7 +4,8 @@
 //!    the few values the decision reads;
 //! 2. [`Policy::decide`]: pure, what to do with the request (forward, inject
 //!    a token, refuse, route a CONNECT, 421), from the request and the
-//!    configuration alone;
+//!    configuration alone; the destination rules' binding is checked here,
+//!    after the audience is resolved, before any token is asked for;
 //! 3. [`respond`] answers a [`Verdict`] at once; an [`Injection`] first
 //!    asks the token cache, then [`inject`] turns the token (or the failure
 //!    and the `--on-token-error` policy) into Envoy's answer. Both are pure
@@ -24,6 +25,7 @@ use envoy_types::pb::google::protobuf::value::Kind;
 use super::response::{self, Mutation};
 use super::{INTERCEPT_MARKER, OnTokenError, SNI_ATTRIBUTE, StreamContext};
 use crate::audience::{Audience, Rejection, RequestParts, Rules, Source};
+use crate::destination::Destination;
 use crate::intercept::{Host, InterceptHosts};
 use crate::secret::Token;
 use crate::tokens;
@@ -97,7 +99,8 @@ pub(crate) enum Decision<'a> {
 pub(crate) enum Verdict<'a> {
     /// No audience: forward the request untouched.
     PassThrough,
-    /// 400/403: the audience is malformed, ambiguous or not allowed.
+    /// 400/403: the audience is malformed, ambiguous, not allowed, or not
+    /// bound to the destination.
     Refuse(Rejection),
     /// A CONNECT (never given a token): mark a tunnel to an intercepted host
     /// so Envoy re-routes it to the TLS-terminating listener; strip a
@@ -153,10 +156,17 @@ impl Policy {
         {
             return Decision::Answer(Verdict::Misdirected(reason));
         }
+        // The destination, for the destination rules (read only if any).
+        let destination = if self.rules.destinations.is_empty() {
+            None
+        } else {
+            Destination::from_authority(request.authority, request.sni.is_some())
+        };
         let parts = RequestParts {
             header_values: &request.audience_headers,
             path: request.path,
             metadata: request.metadata_audience,
+            destination,
         };
         let resolution = match self.rules.resolve(parts) {
             Ok(resolution) => resolution,
@@ -167,6 +177,15 @@ impl Policy {
         let Some((audience, source)) = resolution.audience else {
             return Decision::Answer(Verdict::PassThrough);
         };
+        // The binding: with destination rules, whatever the audience's
+        // source, a token goes only where a rule admits it.
+        if let Err(rejection) =
+            self.rules
+                .destinations
+                .bind(destination.as_ref(), request.authority, &audience)
+        {
+            return Decision::Answer(Verdict::Refuse(rejection));
+        }
         let mutation = Mutation {
             remove: resolution
                 .remove_header

@@ -5,7 +5,8 @@
 //!
 //! Refusals become an `ImmediateResponse` (Envoy answers the client itself,
 //! the upstream never sees the request): 400 for a malformed audience, 403
-//! for one outside the allowlist, 503 when no token can be had.
+//! for one outside the allowlist or not bound to the destination by the
+//! destination rules, 503 when no token can be had.
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
@@ -127,6 +128,7 @@ pub(crate) fn rejection_status(rejection: &Rejection) -> StatusCode {
         | Rejection::Malformed { .. }
         | Rejection::Ambiguous { .. } => StatusCode::BadRequest,
         Rejection::NotAllowed { .. } => StatusCode::Forbidden,
+        Rejection::NotBound { .. } => StatusCode::Forbidden,
     }
 }
 
@@ -138,6 +140,7 @@ pub(crate) fn refuse(rejection: &Rejection) -> ProcessingResponse {
         Rejection::Malformed { .. } => "kube_audience_proxy_malformed_audience",
         Rejection::Ambiguous { .. } => "kube_audience_proxy_ambiguous_audience",
         Rejection::NotAllowed { .. } => "kube_audience_proxy_audience_not_allowed",
+        Rejection::NotBound { .. } => "kube_audience_proxy_audience_not_bound",
     };
     immediate(rejection_status(rejection), &rejection.to_string(), details)
 }
@@ -306,7 +309,19 @@ mod tests {
             (Rejection::TooLong { from: q }, 400),
             (Rejection::Malformed { from: q }, 400),
             (Rejection::Ambiguous { from: q }, 400),
-            (Rejection::NotAllowed { audience: aud }, 403),
+            (
+                Rejection::NotAllowed {
+                    audience: aud.clone(),
+                },
+                403,
+            ),
+            (
+                Rejection::NotBound {
+                    audience: aud,
+                    host: "http://h:80".into(),
+                },
+                403,
+            ),
         ];
         for (rejection, code) in cases {
             let Some(Response::ImmediateResponse(i)) = refuse(&rejection).response else {

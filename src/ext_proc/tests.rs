@@ -20,6 +20,7 @@ use super::response::Mutation;
 use super::*;
 use crate::allowlist::Allowlist;
 use crate::audience::{Audience, Rejection, Source};
+use crate::destination::DestinationRules;
 use crate::secret::Token;
 use crate::tokens::cache::Limits;
 use crate::tokens::{Error, IssuedToken};
@@ -51,18 +52,32 @@ fn rules(default: Option<&str>) -> Rules {
         default: default.map(|d| Audience::parse(d.as_bytes(), Source::Default).unwrap()),
         allowlist: Allowlist::new(["node-exporter", "from-route", "fallback", "broken", "a*"])
             .unwrap(),
+        destinations: DestinationRules::default(),
     }
 }
 
 fn processor(default: Option<&str>, on_token_error: OnTokenError) -> (ExtProc<Fake>, Fake) {
+    processor_with_rules(default, on_token_error, &[])
+}
+
+/// A processor with these `--audience-rule`s.
+fn processor_with_rules(
+    default: Option<&str>,
+    on_token_error: OnTokenError,
+    audience_rules: &[&str],
+) -> (ExtProc<Fake>, Fake) {
     let fake = Fake::default();
     let limits = Limits {
         max_audiences: 100,
         idle_timeout: Duration::from_secs(3600),
     };
     let intercept = InterceptHosts::new(["*.intercept.test", "10.0.0.1"]).unwrap();
+    let rules = Rules {
+        destinations: DestinationRules::new(audience_rules, None).unwrap(),
+        ..rules(default)
+    };
     let processor = ExtProc::new(
-        rules(default),
+        rules,
         TokenCache::new(fake.clone(), limits),
         on_token_error,
         intercept,
@@ -175,6 +190,8 @@ struct Case {
     headers: Vec<(&'static str, &'static [u8])>,
     expect: Outcome,
     token_requests: usize,
+    /// `--audience-rule`s.
+    audience_rules: &'static [&'static str],
 }
 
 fn case(name: &'static str, headers: &[(&'static str, &'static [u8])], expect: Outcome) -> Case {
@@ -187,6 +204,7 @@ fn case(name: &'static str, headers: &[(&'static str, &'static [u8])], expect: O
         headers: headers.to_vec(),
         expect,
         token_requests: 0,
+        audience_rules: &[],
     }
 }
 
@@ -424,14 +442,235 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// Destination rules: what they supply, and the binding (a refusal makes
+/// no TokenRequest). `get` requests go to `svc.monitoring:9100`.
+fn rule_cases() -> Vec<Case> {
+    let bearer = |audience: &str| {
+        (
+            "authorization",
+            format!("Bearer tok.{audience}").leak() as &str,
+        )
+    };
+    vec![
+        Case {
+            audience_rules: &["svc.monitoring:9100=node-exporter"],
+            token_requests: 1,
+            ..case(
+                "rule: supplies its audience to a request naming none",
+                &get("/metrics"),
+                forward(&[bearer("node-exporter")], &[]),
+            )
+        },
+        Case {
+            audience_rules: &["*.monitoring=a.{host}"],
+            token_requests: 1,
+            ..case(
+                "rule: template expanded with the host",
+                &get("/"),
+                forward(&[bearer("a.svc.monitoring")], &[]),
+            )
+        },
+        Case {
+            audience_rules: &["svc.monitoring=node-exporter"],
+            token_requests: 1,
+            ..case(
+                "rule: case and trailing dot of the authority do not matter",
+                &[
+                    (":method", b"GET"),
+                    (":authority", b"SVC.Monitoring.:9100"),
+                    (":path", b"/"),
+                ],
+                forward(&[bearer("node-exporter")], &[]),
+            )
+        },
+        Case {
+            audience_rules: &["svc.monitoring=node-exporter"],
+            token_requests: 1,
+            ..case(
+                "rule: a named audience the rule admits",
+                &get("/m?kubernetes-audience=node-exporter"),
+                forward(&[bearer("node-exporter"), (":path", "/m")], &[]),
+            )
+        },
+        Case {
+            audience_rules: &["svc.monitoring=node-exporter"],
+            ..case(
+                "rule: a named audience the rule does not admit",
+                &with(get("/"), &[(AUD, b"a1")]),
+                refused(403, "audience_not_bound"),
+            )
+        },
+        Case {
+            audience_rules: &["*.monitoring=*"],
+            token_requests: 1,
+            ..case(
+                "rule: * admits any named audience",
+                &with(get("/"), &[(AUD, b"a1")]),
+                forward(&[bearer("a1")], &[AUD]),
+            )
+        },
+        Case {
+            audience_rules: &["*.monitoring=*"],
+            ..case("rule: * supplies none", &get("/"), forward(&[], &[]))
+        },
+        Case {
+            audience_rules: &["*.monitoring=*"],
+            ..case(
+                "rule: * is still subject to the allowlist",
+                &with(get("/"), &[(AUD, b"elsewhere")]),
+                refused(403, "audience_not_allowed"),
+            )
+        },
+        Case {
+            audience_rules: &["svc.monitoring:9101=node-exporter"],
+            ..case(
+                "rule: another port is another destination",
+                &with(get("/"), &[(AUD, b"node-exporter")]),
+                refused(403, "audience_not_bound"),
+            )
+        },
+        Case {
+            audience_rules: &["other.test=node-exporter"],
+            ..case(
+                "rule: no audience and no rule for the host passes through",
+                &get("/"),
+                forward(&[], &[]),
+            )
+        },
+        Case {
+            audience_rules: &["other.test=node-exporter"],
+            ..case(
+                "rule: a query parameter audience for an unruled host",
+                &get("/?kubernetes-audience=node-exporter"),
+                refused(403, "audience_not_bound"),
+            )
+        },
+        Case {
+            audience_rules: &["other.test=from-route"],
+            context: StreamContext {
+                audience: Some(Bytes::from_static(b"from-route")),
+                intercepted: false,
+            },
+            ..case(
+                "rule: an Envoy route audience is bound too",
+                &get("/"),
+                refused(403, "audience_not_bound"),
+            )
+        },
+        Case {
+            audience_rules: &["svc.monitoring=from-route"],
+            context: StreamContext {
+                audience: Some(Bytes::from_static(b"from-route")),
+                intercepted: false,
+            },
+            token_requests: 1,
+            ..case(
+                "rule: an Envoy route audience the rule admits",
+                &get("/"),
+                forward(&[bearer("from-route")], &[]),
+            )
+        },
+        Case {
+            audience_rules: &["other.test=fallback"],
+            default: Some("fallback"),
+            ..case(
+                "rule: the default audience is bound too",
+                &get("/"),
+                refused(403, "audience_not_bound"),
+            )
+        },
+        Case {
+            audience_rules: &["svc.monitoring=*"],
+            default: Some("fallback"),
+            token_requests: 1,
+            ..case(
+                "rule: the default audience where * admits it",
+                &get("/"),
+                forward(&[bearer("fallback")], &[]),
+            )
+        },
+        Case {
+            audience_rules: &["svc.monitoring=node-exporter"],
+            default: Some("fallback"),
+            token_requests: 1,
+            ..case(
+                "rule: a rule's audience comes before the default",
+                &get("/"),
+                forward(&[bearer("node-exporter")], &[]),
+            )
+        },
+        Case {
+            audience_rules: &["svc.monitoring=https://{host}"],
+            ..case(
+                "rule: a template expanded outside the allowlist",
+                &get("/"),
+                refused(403, "audience_not_allowed"),
+            )
+        },
+        Case {
+            audience_rules: &["https://api.intercept.test=node-exporter"],
+            context: intercepted(),
+            sni: Some("api.intercept.test"),
+            token_requests: 1,
+            ..case(
+                "rule: https:// inside intercepted TLS",
+                &inside_tls("api.intercept.test"),
+                forward(&[bearer("node-exporter")], &[]),
+            )
+        },
+        Case {
+            audience_rules: &["https://svc.monitoring=node-exporter"],
+            ..case(
+                "rule: https:// refuses plain HTTP",
+                &with(get("/"), &[(AUD, b"node-exporter")]),
+                refused(403, "audience_not_bound"),
+            )
+        },
+        Case {
+            audience_rules: &["https://svc.monitoring=node-exporter"],
+            ..case(
+                "rule: https:// supplies nothing over plain HTTP",
+                &get("/"),
+                forward(&[], &[]),
+            )
+        },
+        Case {
+            audience_rules: &["svc.monitoring=node-exporter"],
+            ..case(
+                "rule: an authority that is no host is admitted by no rule",
+                &[
+                    (":method", b"GET"),
+                    (":authority", b"bad host"),
+                    (":path", b"/"),
+                    (AUD, b"node-exporter"),
+                ],
+                refused(403, "audience_not_bound"),
+            )
+        },
+        Case {
+            audience_rules: &["svc.monitoring=node-exporter"],
+            ..case(
+                "rule: a CONNECT is routed, never given a token",
+                &[
+                    (":method", b"CONNECT"),
+                    (":authority", b"other.test:443"),
+                    (AUD, b"node-exporter"),
+                ],
+                forward(&[], &[]),
+            )
+        },
+    ]
+}
+
 fn too_long_path(audience: &'static str) -> &'static str {
     format!("/?kubernetes-audience={audience}").leak()
 }
 
 #[tokio::test]
 async fn every_outcome_of_request_headers() {
-    for case in cases() {
-        let (processor, fake) = processor(case.default, case.on_token_error);
+    for case in cases().into_iter().chain(rule_cases()) {
+        let (processor, fake) =
+            processor_with_rules(case.default, case.on_token_error, case.audience_rules);
         let answer = processor
             .handle(message(&case.headers, case.sni), &case.context)
             .await
