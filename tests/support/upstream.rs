@@ -4,7 +4,8 @@
 //! JSON description of it (never the token itself).
 //!
 //! A request whose path starts with `/status/NNN` is answered with status NNN
-//! (same JSON body), for tests of error pass-through.
+//! (same JSON body), for tests of error pass-through; `/status/3xx?location=URL`
+//! also carries `location: URL` (percent-decoded), for redirect tests.
 //!
 //! Test fixture only; never part of the shipped binary.
 
@@ -337,6 +338,7 @@ async fn handle(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<F
         "body_sha256": body_sha256,
     });
 
+    let redirect_to = status.is_redirection().then(|| location(&path)).flatten();
     lock(&state.received).push(Received {
         method,
         path,
@@ -351,7 +353,25 @@ async fn handle(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<F
         sni: conn.sni,
     });
 
-    json_response(status, &description)
+    let mut response = json_response(status, &description);
+    if let Some(location) = redirect_to {
+        response
+            .headers_mut()
+            .insert(http::header::LOCATION, location);
+    }
+    response
+}
+
+/// The percent-decoded `location` query parameter of `path`, as a header value.
+fn location(path: &str) -> Option<HeaderValue> {
+    let (_, query) = path.split_once('?')?;
+    let raw = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("location="))?;
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?;
+    HeaderValue::from_str(&decoded).ok()
 }
 
 fn check_authorization(
