@@ -109,7 +109,7 @@ pub struct Cli {
     /// to a destination whose rules admit its audience (else 403, before any
     /// TokenRequest; --default-audience and Envoy route audiences too).
     /// Repeatable (comma-separated in the environment); the first matching
-    /// rule supplies the audience.
+    /// rule whose AUDIENCE is not `*` supplies the audience.
     ///
     /// HOST: a name, `*.suffix`, an IP address or a CIDR block, optionally
     /// with `:PORT` (`api.example:8443`, `[::1]:443`, `10.0.0.0/8:443`,

@@ -131,7 +131,8 @@ pub(crate) struct Injection<'a> {
 /// The configuration the decision applies.
 #[derive(Clone, Debug)]
 pub(crate) struct Policy {
-    /// How a request names its audience, and which audiences are allowed.
+    /// How a request names its audience, which audiences are allowed, and
+    /// (destination rules) where each may go.
     pub rules: Rules,
     /// Which CONNECT targets are intercepted.
     pub intercept: InterceptHosts,
