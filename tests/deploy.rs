@@ -161,7 +161,10 @@ fn only_the_processor_holds_a_service_account_token() {
     assert_eq!(ca["configMap"]["name"], "kube-root-ca.crt");
     assert_eq!(ca["configMap"]["items"][0]["key"], "ca.crt");
     assert_eq!(ca["configMap"]["items"][0]["path"], "ca.crt");
-    let ns = sources.iter().find(|s| !s["downwardAPI"].is_null()).unwrap();
+    let ns = sources
+        .iter()
+        .find(|s| !s["downwardAPI"].is_null())
+        .unwrap();
     assert_eq!(ns["downwardAPI"]["items"][0]["path"], "namespace");
     assert_eq!(
         ns["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
@@ -188,10 +191,9 @@ fn only_the_processor_holds_a_service_account_token() {
         }
     }
     assert_eq!(holders, ["kube-audience-proxy"]);
-    let cli = <kube_audience_proxy::config::Cli as clap::Parser>::try_parse_from([
-        "kube-audience-proxy",
-    ])
-    .unwrap();
+    let cli =
+        <kube_audience_proxy::config::Cli as clap::Parser>::try_parse_from(["kube-audience-proxy"])
+            .unwrap();
     assert_eq!(
         cli.namespace_file,
         Path::new(TOKEN_DIR).join("namespace"),
@@ -220,7 +222,11 @@ fn envoy_admin_socket_lives_in_a_volume_only_envoy_mounts() {
             let admin = admin.expect("Envoy mounts its admin socket's directory");
             assert_eq!(admin["mountPath"].as_str().map(Path::new), Some(dir));
         } else {
-            assert!(admin.is_none(), "{:?} mounts Envoy's admin socket", c["name"]);
+            assert!(
+                admin.is_none(),
+                "{:?} mounts Envoy's admin socket",
+                c["name"]
+            );
         }
     }
 }

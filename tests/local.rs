@@ -166,8 +166,7 @@ async fn plain_http_to_this_machine_is_refused_before_anything_else() {
         } else {
             "a loopback address"
         };
-        let expected =
-            format!("kube-audience-proxy: the destination \"{authority}\" is {kind}: ");
+        let expected = format!("kube-audience-proxy: the destination \"{authority}\" is {kind}: ");
         assert!(reply.body.starts_with(&expected), "{url}: {}", reply.body);
         assert!(
             reply.body.contains("--allow-local-destinations"),
@@ -177,7 +176,11 @@ async fn plain_http_to_this_machine_is_refused_before_anything_else() {
         assert_eq!(upstream.count(), 0, "{url}: the upstream was called");
     }
     assert_eq!(s.api.token_requests(), minted, "no TokenRequest");
-    assert_eq!(s.forwarded_connections().await, 0, "Envoy connected nowhere");
+    assert_eq!(
+        s.forwarded_connections().await,
+        0,
+        "Envoy connected nowhere"
+    );
     s.processor
         .wait_for_log(
             "refused a request to a local destination",
@@ -203,7 +206,10 @@ async fn connect_to_the_processor_and_to_envoy_admin_is_refused() {
         // A plain GET to the same port is refused too.
         let reply = s.get(&format!("http://{target}/stats")).await;
         assert_eq!(reply.status, 403, "GET {target}: {reply:?}");
-        assert!(reply.body.starts_with(&loopback_reason(target)), "{reply:?}");
+        assert!(
+            reply.body.starts_with(&loopback_reason(target)),
+            "{reply:?}"
+        );
     }
     // Nothing was tunnelled or forwarded anywhere.
     assert_eq!(s.forwarded_connections().await, 0);
@@ -213,7 +219,10 @@ async fn connect_to_the_processor_and_to_envoy_admin_is_refused() {
         (200, "LIVE\n".to_owned())
     );
     // The socket is Envoy's user's alone (mode 0600 in the config).
-    let mode = std::fs::metadata(&s.envoy.admin).unwrap().permissions().mode();
+    let mode = std::fs::metadata(&s.envoy.admin)
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 }
 

@@ -219,18 +219,23 @@ fn a_long_or_hostile_authority_is_shortened_and_escaped() {
     };
     assert_eq!(authority.len(), MAX_SHOWN);
     let multibyte = "é".repeat(200);
-    let Err(LocalRefusal::Unreadable { authority }) = check_authority(multibyte.as_bytes())
-    else {
+    let Err(LocalRefusal::Unreadable { authority }) = check_authority(multibyte.as_bytes()) else {
         panic!()
     };
     assert!(authority.len() <= MAX_SHOWN && authority.chars().all(|c| c == 'é'));
     let reason = check_authority(b"a\nb").unwrap_err().to_string();
-    assert!(!reason.contains('\n'), "control characters are escaped: {reason}");
+    assert!(
+        !reason.contains('\n'),
+        "control characters are escaped: {reason}"
+    );
 }
 
 #[test]
 fn the_flag_turns_refusal_off() {
     assert_eq!(LocalDestinations::default(), LocalDestinations::Refuse);
-    assert_eq!(LocalDestinations::from_flag(false), LocalDestinations::Refuse);
+    assert_eq!(
+        LocalDestinations::from_flag(false),
+        LocalDestinations::Refuse
+    );
     assert_eq!(LocalDestinations::from_flag(true), LocalDestinations::Allow);
 }
