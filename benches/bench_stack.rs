@@ -10,8 +10,9 @@
 //!   processor over loopback TCP / a Unix socket;
 //! - `floor.yaml`: the shipped config pointed at `floor_server`.
 //!
-//! Usage: `bench_stack DIR PROXY_PORT ADMIN_PORT PROCESSOR_PORT UDS_PATH FLOOR_PORT`.
-//! Prints one JSON line, then runs until stdin closes.
+//! Usage: `bench_stack DIR PROXY_PORT PROCESSOR_PORT UDS_PATH FLOOR_PORT`.
+//! Every configuration puts Envoy's admin interface on the Unix socket
+//! `DIR/envoy-admin.sock`. Prints one JSON line, then runs until stdin closes.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -28,8 +29,7 @@ use support::apiserver::{ApiServerOptions, FakeApiServer};
 
 const STATIC_TOKEN_LEN: usize = 1050;
 
-fn with_ports(config: &mut Value, proxy: u16, admin: u16) {
-    config["admin"]["address"]["socket_address"]["port_value"] = admin.into();
+fn with_proxy_port(config: &mut Value, proxy: u16) {
     config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] =
         proxy.into();
 }
@@ -71,8 +71,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = Path::new(&args[1]).to_owned();
     let port = |i: usize| args[i].parse::<u16>().unwrap();
-    let (proxy, admin, processor, uds, floor) =
-        (port(2), port(3), port(4), args[5].clone(), port(6));
+    let (proxy, processor, uds, floor) = (port(2), port(3), args[4].clone(), port(5));
     std::fs::create_dir_all(&dir).unwrap();
 
     let api = FakeApiServer::start(ApiServerOptions::default()).await;
@@ -81,20 +80,20 @@ async fn main() {
 
     let shipped = support::envoy::shipped_config();
     let mut tcp = shipped.clone();
-    with_ports(&mut tcp, proxy, admin);
+    support::envoy::admin_socket(&mut tcp, &dir.join("envoy-admin.sock"));
     support::envoy::point_at_processor(&mut tcp, &format!("127.0.0.1:{processor}"));
-    // point_at_processor sets the proxy and admin ports to 0; put them back.
-    with_ports(&mut tcp, proxy, admin);
+    // point_at_processor sets the proxy port to 0; put it back.
+    with_proxy_port(&mut tcp, proxy);
     write(&dir, "processor_tcp.yaml", &tcp);
 
     let mut unix = tcp.clone();
     support::envoy::point_at_processor(&mut unix, &format!("unix:{uds}"));
-    with_ports(&mut unix, proxy, admin);
+    with_proxy_port(&mut unix, proxy);
     write(&dir, "processor_uds.yaml", &unix);
 
     let mut floor_config = tcp.clone();
     support::envoy::point_at_processor(&mut floor_config, &format!("127.0.0.1:{floor}"));
-    with_ports(&mut floor_config, proxy, admin);
+    with_proxy_port(&mut floor_config, proxy);
     write(&dir, "floor.yaml", &floor_config);
 
     // Experiments (not in the main table; see benches/NOTES.md).

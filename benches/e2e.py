@@ -11,6 +11,7 @@ BENCH_SDS_RUNS (leaf minting bursts, default 5), BENCH_PARTS (default
 e2e,only,sds,cold,memory; e.g. BENCH_PARTS=sds runs only the minting burst),
 BENCH_OUT (where the results go).
 """
+import http.client
 import json
 import os
 import pathlib
@@ -22,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REL = ROOT / "target" / "release"
@@ -32,7 +32,7 @@ REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
 SOAK = int(os.environ.get("BENCH_SOAK_SECONDS", "120"))
 SDS_RUNS = int(os.environ.get("BENCH_SDS_RUNS", "5"))
 CONCURRENCIES = [1, 32]
-PROXY, ADMIN, PROC_TCP, PROC_ADMIN, PROC_UDS_ADMIN, FLOOR = 18100, 18101, 18110, 18111, 18112, 18120
+PROXY, PROC_TCP, PROC_ADMIN, PROC_UDS_ADMIN, FLOOR = 18100, 18110, 18111, 18112, 18120
 PROC_SDS, PROC_SDS_ADMIN = 18130, 18131
 VARIANTS = [
     ("a", "forward", "Envoy forwarding only"),
@@ -108,18 +108,40 @@ def wrk(concurrency, seconds, host, path):
             "non_2xx": int(errors.group(1)) if errors else 0}
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket: Envoy's admin interface has no TCP address."""
+
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def envoy_ready(admin):
+    conn = UnixHTTPConnection(str(admin), timeout=1)
+    try:
+        conn.request("GET", "/ready")
+        return conn.getresponse().read().strip() == b"LIVE"
+    finally:
+        conn.close()
+
+
 def start_envoy(config):
     proc = subprocess.Popen([ENVOY, "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
                              "--log-level", "warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 20
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/ready", timeout=1) as r:
-                if r.read().strip() == b"LIVE":
-                    wait_port(PROXY)
-                    return proc
+            if envoy_ready(config.parent / "envoy-admin.sock"):
+                wait_port(PROXY)
+                return proc
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     proc.kill()
     raise SystemExit(f"envoy did not start with {config}")
 
@@ -172,7 +194,7 @@ def main():
     results = {"machine": machine(), "seconds": SECONDS, "repeats": REPEATS, "soak_seconds": SOAK,
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     try:
-        stack = subprocess.Popen([str(REL / "examples" / "bench_stack"), str(work), str(PROXY), str(ADMIN),
+        stack = subprocess.Popen([str(REL / "examples" / "bench_stack"), str(work), str(PROXY),
                                   str(PROC_TCP), str(uds), str(FLOOR)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.append(stack)
@@ -180,7 +202,9 @@ def main():
         upstream = info["upstream"]
         common = [str(REL / "kube-audience-proxy"), "--kubeconfig", str(work / "kubeconfig"),
                   "--service-account", "app", "--namespace", "demo", "--log-level", "warn",
-                  "--shutdown-delay", "0s"] + os.environ.get("BENCH_PROCESSOR_ARGS", "").split()
+                  "--shutdown-delay", "0s",
+                  # Every upstream of the benchmark is on 127.0.0.1.
+                  "--allow-local-destinations"] + os.environ.get("BENCH_PROCESSOR_ARGS", "").split()
         proc_tcp = subprocess.Popen(common + ["--grpc-listen-address", f"127.0.0.1:{PROC_TCP}",
                                               "--admin-listen-address", f"127.0.0.1:{PROC_ADMIN}"])
         procs.append(proc_tcp)

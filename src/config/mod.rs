@@ -21,6 +21,7 @@ use crate::ca::CaSettings;
 use crate::destination::DestinationRules;
 use crate::ext_proc::OnTokenError;
 use crate::intercept::InterceptHosts;
+use crate::local::LocalDestinations;
 use crate::tokens::cache::Limits;
 use crate::tokens::kube::BoundPod;
 
@@ -47,6 +48,8 @@ pub struct Config {
     pub(crate) audience: Rules,
     /// TLS interception; `None` when no host is intercepted (then no CA exists).
     pub(crate) interception: Option<Interception>,
+    /// Whether requests to this machine's own addresses are refused (processor).
+    pub(crate) local_destinations: LocalDestinations,
     /// Listeners, drain and runtime (server).
     pub(crate) server: ServerSettings,
     /// Logging (main).
@@ -159,6 +162,7 @@ impl TryFrom<Cli> for Config {
                 cache: cache?,
                 audience: audience?,
                 interception: interception?,
+                local_destinations: LocalDestinations::from_flag(cli.allow_local_destinations),
                 server: server?,
                 telemetry,
             })

@@ -338,3 +338,12 @@ fn limits_in_help_and_messages_come_from_the_constants() {
     let expected = humantime::format_duration(MIN_CERTIFICATE_VALIDITY).to_string();
     assert!(errors.to_string().contains(&expected), "{errors}");
 }
+
+#[test]
+fn local_destinations_are_refused_unless_allowed() {
+    let base = ["--service-account", "app", "--namespace", "demo"];
+    let c = parse(&base).unwrap();
+    assert_eq!(c.local_destinations, LocalDestinations::Refuse);
+    let c = parse(&[&base[..], &["--allow-local-destinations"]].concat()).unwrap();
+    assert_eq!(c.local_destinations, LocalDestinations::Allow);
+}

@@ -12,7 +12,8 @@
 //!    but for their log line.
 //!
 //! Checks on the destination belong in [`Policy::decide`], which already sees
-//! the `:authority` and, inside intercepted TLS, the SNI.
+//! the `:authority` and, inside intercepted TLS, the SNI. The first of them
+//! refuses local destinations ([`crate::local`]), before anything else.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use super::{INTERCEPT_MARKER, OnTokenError, SNI_ATTRIBUTE, StreamContext};
 use crate::audience::{Audience, Rejection, RequestParts, Rules, Source};
 use crate::destination::Destination;
 use crate::intercept::{Host, InterceptHosts};
+use crate::local::{self, LocalDestinations, LocalRefusal};
 use crate::secret::Token;
 use crate::tokens;
 
@@ -116,6 +118,9 @@ pub(crate) enum Verdict<'a> {
     /// 421: inside intercepted TLS, the request names a host other than the
     /// one the certificate was minted for; the reason says which.
     Misdirected(String),
+    /// 403 (400 for an unreadable host): the destination is on this machine
+    /// or its network link, and `--allow-local-destinations` is off.
+    LocalDestination(LocalRefusal),
 }
 
 /// A request that gets a token.
@@ -136,11 +141,20 @@ pub(crate) struct Policy {
     pub rules: Rules,
     /// Which CONNECT targets are intercepted.
     pub intercept: InterceptHosts,
+    /// Whether requests to local destinations are refused.
+    pub local: LocalDestinations,
 }
 
 impl Policy {
     /// Decides what to do with `request`. Pure: no I/O, no clock.
     pub(crate) fn decide<'a>(&'a self, request: &Request<'a>) -> Decision<'a> {
+        // First: a plain request or a CONNECT to this machine goes nowhere,
+        // whatever else it carries.
+        if self.local == LocalDestinations::Refuse
+            && let Err(refusal) = local::check_authority(request.authority)
+        {
+            return Decision::Answer(Verdict::LocalDestination(refusal));
+        }
         if request.method == b"CONNECT" {
             let intercept = std::str::from_utf8(request.authority)
                 .ok()
@@ -223,6 +237,10 @@ pub(crate) fn respond(verdict: Verdict<'_>) -> ProcessingResponse {
         Verdict::Misdirected(reason) => {
             tracing::info!(%reason, "refused a request whose host differs from its TLS server name (421)");
             response::misdirected(&reason)
+        }
+        Verdict::LocalDestination(refusal) => {
+            tracing::info!(%refusal, "refused a request to a local destination");
+            response::local_destination(&refusal)
         }
     }
 }

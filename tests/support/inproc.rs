@@ -71,7 +71,8 @@ pub async fn health_status(
 
 /// Parses the processor's command line as the binary would, with the
 /// defaults the tests share (ServiceAccount `app` in `demo`, ephemeral ports,
-/// no drain delay); `extra` flags come last and win.
+/// no drain delay, local destinations allowed); `extra` flags come last and
+/// win.
 pub fn config(kubeconfig: &Path, extra: &[&str]) -> Config {
     let mut argv = vec![
         "kube-audience-proxy",

@@ -43,7 +43,8 @@ impl Kubeconfig {
 }
 
 /// Processor flags every test shares: the test API server's ServiceAccount
-/// `app` in `demo`, ephemeral loopback ports, no drain delay.
+/// `app` in `demo`, ephemeral loopback ports, no drain delay, and
+/// [`ALLOW_LOCAL`] (every test upstream is on loopback).
 pub const COMMON_ARGS: &[&str] = &[
     "--service-account",
     "app",
@@ -55,7 +56,22 @@ pub const COMMON_ARGS: &[&str] = &[
     "127.0.0.1:0",
     "--shutdown-delay",
     "0s",
+    ALLOW_LOCAL,
 ];
+
+/// The opt-in the tests share: without it the processor refuses every
+/// loopback destination, and every test upstream is one.
+pub const ALLOW_LOCAL: &str = "--allow-local-destinations";
+
+/// [`COMMON_ARGS`] without [`ALLOW_LOCAL`]: the shipped default, local
+/// destinations refused.
+pub fn common_args_refusing_local() -> Vec<&'static str> {
+    COMMON_ARGS
+        .iter()
+        .copied()
+        .filter(|arg| *arg != ALLOW_LOCAL)
+        .collect()
+}
 
 /// Processor flags to intercept `hosts`, writing the CA certificate to
 /// `ca_file`; `extra` flags follow.

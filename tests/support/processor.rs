@@ -43,16 +43,23 @@ pub struct Processor {
 
 impl Processor {
     /// Starts the binary with `--kubeconfig kubeconfig`, namespace `demo`,
-    /// ServiceAccount `app`, ephemeral ports, no drain delay, debug logs, and
-    /// `extra` arguments (later flags win). Waits for its "ready" log line.
+    /// ServiceAccount `app`, ephemeral ports, no drain delay, local
+    /// destinations allowed, debug logs, and `extra` arguments (later flags
+    /// win). Waits for its "ready" log line.
     pub async fn start(kubeconfig: &Path, extra: &[&str]) -> Processor {
+        Processor::start_with(kubeconfig, crate::support::COMMON_ARGS, extra).await
+    }
+
+    /// As [`start`](Self::start), with `common` instead of `COMMON_ARGS`
+    /// (e.g. without `--allow-local-destinations`).
+    pub async fn start_with(kubeconfig: &Path, common: &[&str], extra: &[&str]) -> Processor {
         let mut command = Command::new(binary());
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args(crate::support::COMMON_ARGS)
+            .args(common)
             .args(["--log-level", "debug"])
             .args(extra)
             .stdin(Stdio::null())

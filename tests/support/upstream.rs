@@ -161,6 +161,12 @@ impl Upstream {
         Upstream::serve(verifier, None).await
     }
 
+    /// Plain HTTP/1.1 and h2c on `bind` (a loopback `IP:0`, e.g. `[::1]:0`).
+    /// Binding fails loudly where that loopback address does not exist.
+    pub async fn start_on(verifier: JwtVerifier, bind: &str) -> Upstream {
+        Upstream::serve_on(verifier, None, bind).await
+    }
+
     /// HTTPS (ALPN `h2`, `http/1.1`) on `127.0.0.1:0`, with a serving
     /// certificate for `names` (IP addresses become IP SANs, the rest DNS
     /// SANs) issued by a fresh test CA (see [`ca_pem`](Self::ca_pem)).
@@ -186,13 +192,21 @@ impl Upstream {
     }
 
     async fn serve(verifier: JwtVerifier, tls: Option<(UpstreamCa, TlsAcceptor)>) -> Upstream {
+        Upstream::serve_on(verifier, tls, "127.0.0.1:0").await
+    }
+
+    async fn serve_on(
+        verifier: JwtVerifier,
+        tls: Option<(UpstreamCa, TlsAcceptor)>,
+        bind: &str,
+    ) -> Upstream {
         let state = Arc::new(UpstreamState {
             verifier,
             received: Mutex::new(Vec::new()),
         });
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(bind)
             .await
-            .expect("bind upstream");
+            .unwrap_or_else(|e| panic!("bind upstream on {bind}: {e}"));
         let addr = listener.local_addr().expect("local addr");
         let (ca, acceptor) = tls.unzip();
         let handler_state = state.clone();
