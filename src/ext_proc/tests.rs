@@ -653,14 +653,17 @@ fn rule_cases() -> Vec<Case> {
         Case {
             audience_rules: &["svc.monitoring=node-exporter"],
             ..case(
-                "rule: an authority that is no host is admitted by no rule",
+                // The local-destination check reads the host first and
+                // refuses what it cannot read (the rules' own handling of
+                // such a host is in destination::tests).
+                "rule: an authority that is no host is refused before the rules",
                 &[
                     (":method", b"GET"),
                     (":authority", b"bad host"),
                     (":path", b"/"),
                     (AUD, b"node-exporter"),
                 ],
-                refused(403, "audience_not_bound"),
+                refused(400, "unreadable_destination"),
             )
         },
         Case {
