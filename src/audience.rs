@@ -110,6 +110,13 @@ pub enum Rejection {
     /// The audience is not in `--allowed-audience`.
     #[error("the audience {audience:?} is not allowed by this proxy")]
     NotAllowed { audience: Audience },
+    /// The audience is one of the Kubernetes API server's own (a token for
+    /// it acts as the ServiceAccount against the API server); refused unless
+    /// `--allow-apiserver-audience`.
+    #[error(
+        "the audience {audience:?} is the Kubernetes API server's own: a token for it would act as this proxy's ServiceAccount against the API server, so this proxy does not mint one"
+    )]
+    ApiServerAudience { audience: Audience },
 }
 
 /// The configured rules for finding an audience in a request.

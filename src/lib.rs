@@ -9,6 +9,7 @@
 //! - `app`: [`run`] assembles the parts below and serves them;
 //! - `audience` finds the audience a request asks for (pure);
 //! - `tokens` mints bound tokens with TokenRequest and caches them;
+//! - `apiserver` knows the API server's own audiences, which are refused;
 //! - `ext_proc` is the gRPC service Envoy calls per request;
 //! - `intercept`, `ca` and `sds`: which hosts are intercepted, the CA that
 //!   only this process holds, and the leaves Envoy fetches for them;
@@ -21,6 +22,7 @@
 
 mod admin;
 mod allowlist;
+mod apiserver;
 mod app;
 mod audience;
 mod ca;

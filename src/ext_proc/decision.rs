@@ -23,6 +23,7 @@ use envoy_types::pb::google::protobuf::value::Kind;
 
 use super::response::{self, Mutation};
 use super::{INTERCEPT_MARKER, OnTokenError, SNI_ATTRIBUTE, StreamContext};
+use crate::apiserver::ApiServerAudiences;
 use crate::audience::{Audience, Rejection, RequestParts, Rules, Source};
 use crate::intercept::{Host, InterceptHosts};
 use crate::secret::Token;
@@ -132,10 +133,15 @@ pub(crate) struct Policy {
     pub rules: Rules,
     /// Which CONNECT targets are intercepted.
     pub intercept: InterceptHosts,
+    /// The API server's own audiences, refused; `None` with
+    /// `--allow-apiserver-audience`. Shared with discovery, which adds the
+    /// issuer once it is known (a read lock per injection).
+    pub apiserver: Option<ApiServerAudiences>,
 }
 
 impl Policy {
-    /// Decides what to do with `request`. Pure: no I/O, no clock.
+    /// Decides what to do with `request`. Pure: no I/O, no clock (the
+    /// API server's audiences are read from shared memory).
     pub(crate) fn decide<'a>(&'a self, request: &Request<'a>) -> Decision<'a> {
         if request.method == b"CONNECT" {
             let intercept = std::str::from_utf8(request.authority)
@@ -167,6 +173,11 @@ impl Policy {
         let Some((audience, source)) = resolution.audience else {
             return Decision::Answer(Verdict::PassThrough);
         };
+        if let Some(refused) = &self.apiserver
+            && refused.refuses(audience.as_str())
+        {
+            return Decision::Answer(Verdict::Refuse(Rejection::ApiServerAudience { audience }));
+        }
         let mutation = Mutation {
             remove: resolution
                 .remove_header

@@ -19,6 +19,7 @@ use super::decision::{Decision, Injection, Policy, Request, Verdict};
 use super::response::Mutation;
 use super::*;
 use crate::allowlist::Allowlist;
+use crate::apiserver::ApiServerAudiences;
 use crate::audience::{Audience, Rejection, Source};
 use crate::secret::Token;
 use crate::tokens::cache::Limits;
@@ -59,6 +60,8 @@ fn processor(default: Option<&str>, on_token_error: OnTokenError) -> (ExtProc<Fa
     let limits = Limits {
         max_audiences: 100,
         idle_timeout: Duration::from_secs(3600),
+        max_in_flight: 8,
+        request_timeout: Duration::from_secs(4),
     };
     let intercept = InterceptHosts::new(["*.intercept.test", "10.0.0.1"]).unwrap();
     let processor = ExtProc::new(
@@ -66,6 +69,7 @@ fn processor(default: Option<&str>, on_token_error: OnTokenError) -> (ExtProc<Fa
         TokenCache::new(fake.clone(), limits),
         on_token_error,
         intercept,
+        Some(ApiServerAudiences::new(["https://10.96.0.1:443"])),
     );
     (processor, fake)
 }
@@ -488,6 +492,7 @@ fn the_decision_is_pure() {
     let policy = Policy {
         rules: rules(None),
         intercept: InterceptHosts::default(),
+        apiserver: None,
     };
     let request = Request {
         method: b"GET",
