@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::apiserver::{self, ApiServerAudiences, Discovery};
 use crate::ca::{CaError, CertificateAuthority};
 use crate::config::{Config, ConfigErrors, Interception};
 use crate::ext_proc::ExtProc;
@@ -90,20 +91,40 @@ pub struct App {
     sds: Option<Sds>,
     listeners: Listeners,
     config: Config,
+    /// Learning the API server's issuer, if it goes on in the background;
+    /// stopped with the app.
+    _discovery: Option<Discovery>,
 }
 
 impl App {
     /// Builds every part and binds the listeners; logs the ready line
     /// (`kube-audience-proxy ready grpc=... admin=...`) the tests wait for.
     pub async fn bind(config: Config) -> Result<App, RunError> {
-        let client = kube::client(&config.kube).await?;
-        let source = KubeTokenSource::new(client, &config.tokens);
+        let (client, apiserver_url) = kube::client(&config.kube).await?;
+        let refused = refused_audiences(&config, &apiserver_url);
+        let source = KubeTokenSource::new(client.clone(), &config.tokens);
         let sds = match &config.interception {
             Some(interception) => Some(sds(interception).map_err(RunError::Ca)?),
             None => None,
         };
         let listeners = Listeners::bind(&config.server.grpc, config.server.admin).await?;
         log_destination_rules(&config);
+        let discovery = match &refused {
+            Some(refused) => Some(
+                apiserver::discover(
+                    client,
+                    refused.clone(),
+                    config.tokens.request_timeout,
+                    config
+                        .audience
+                        .default
+                        .as_ref()
+                        .map(|a| a.as_str().to_owned()),
+                )
+                .await,
+            ),
+            None => None,
+        };
         tracing::info!(
             grpc = %listeners.grpc_address(),
             admin = %listeners.admin_address(),
@@ -118,10 +139,11 @@ impl App {
             );
         }
         Ok(App {
-            processor: processor(&config, source),
+            processor: processor_refusing(&config, source, refused),
             sds,
             listeners,
             config,
+            _discovery: discovery,
         })
     }
 
@@ -149,8 +171,35 @@ impl App {
     }
 }
 
-/// The ext_proc service for `config`, minting from `source`.
+/// The ext_proc service for `config`, minting from `source`, refusing the
+/// well-known API server audiences unless `--allow-apiserver-audience`
+/// (nothing is discovered: for benchmarks).
 pub fn processor<S: TokenSource>(config: &Config, source: S) -> ExtProc<S> {
+    let refused =
+        (!config.allow_apiserver_audience).then(|| ApiServerAudiences::new(std::iter::empty()));
+    processor_refusing(config, source, refused)
+}
+
+/// The API server audiences to refuse (the well-known ones and the URL the
+/// client uses; discovery adds the issuer), or `None` with
+/// `--allow-apiserver-audience`.
+fn refused_audiences(config: &Config, apiserver_url: &http::Uri) -> Option<ApiServerAudiences> {
+    if config.allow_apiserver_audience {
+        tracing::warn!(
+            "--allow-apiserver-audience: tokens for the audiences of the API server itself are minted; whoever receives one can act as the ServiceAccount against the API server"
+        );
+        return None;
+    }
+    let url = apiserver_url.to_string();
+    Some(ApiServerAudiences::new([url.as_str()]))
+}
+
+/// [`processor`], refusing `refused` (`None`: no refusal).
+fn processor_refusing<S: TokenSource>(
+    config: &Config,
+    source: S,
+    refused: Option<ApiServerAudiences>,
+) -> ExtProc<S> {
     let hosts = config
         .interception
         .as_ref()
@@ -162,6 +211,7 @@ pub fn processor<S: TokenSource>(config: &Config, source: S) -> ExtProc<S> {
         config.tokens.on_token_error,
         hosts,
         config.local_destinations,
+        refused,
     )
 }
 

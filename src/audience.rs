@@ -126,6 +126,13 @@ pub enum Rejection {
         "the audience {audience:?} may not be sent to {host:?}: no --audience-rule for this destination admits it"
     )]
     NotBound { audience: Audience, host: String },
+    /// The audience is one of the Kubernetes API server's own (a token for
+    /// it acts as the ServiceAccount against the API server); refused unless
+    /// `--allow-apiserver-audience`.
+    #[error(
+        "the audience {audience:?} is the Kubernetes API server's own: a token for it would act as this proxy's ServiceAccount against the API server, so this proxy does not mint one"
+    )]
+    ApiServerAudience { audience: Audience },
 }
 
 /// The configured rules for finding an audience in a request.

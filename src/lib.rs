@@ -10,6 +10,7 @@
 //! - `audience` finds the audience a request asks for (pure);
 //! - `destination`: the `--audience-rule` destination rules (pure);
 //! - `tokens` mints bound tokens with TokenRequest and caches them;
+//! - `apiserver` knows the API server's own audiences, which are refused;
 //! - `ext_proc` is the gRPC service Envoy calls per request;
 //! - `local` refuses destinations on the proxy's own machine (pure);
 //! - `intercept`, `ca` and `sds`: which hosts are intercepted, the CA that
@@ -23,6 +24,7 @@
 
 mod admin;
 mod allowlist;
+mod apiserver;
 mod app;
 mod audience;
 mod ca;

@@ -200,10 +200,22 @@ async fn api_server_failure_is_a_503_at_the_client() {
         reply.body
     );
     assert_eq!(s.upstream.count(), 0);
-    // Recovery without a restart.
+    // Recovery without a restart, once the audience's back-off window (1 s
+    // after a first 5xx) is over: a client retrying meanwhile gets 503.
     s.api.clear_faults();
-    assert_eq!(s.get("/x?kubernetes-audience=A", &[]).await.status, 200);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let reply = s.get("/x?kubernetes-audience=A", &[]).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert_eq!(reply.status, 503, "{reply:?}");
+        assert!(tokio::time::Instant::now() < deadline, "no recovery");
+        // The client's retry pace; the window is what is waited on.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert_eq!(s.upstream.only_received().verdict.audiences(), ["A"]);
+    assert_eq!(s.api.requests_for_audience("A"), 2);
 }
 
 #[tokio::test]

@@ -255,23 +255,27 @@ async fn api_server_refusals_become_503_with_the_reason() {
         "{body}"
     );
 
-    // Rate limited, server errors, timeouts: all 503, each with its reason.
+    // Rate limited, server errors, timeouts: all 503, each with its reason
+    // (one audience each: a failure holds its audience back for a while).
     let s = setup(&["--token-request-timeout", "500ms"]).await;
     let mut client = s.proc.client().await;
-    for (fault, reason) in [
+    for (fault, path, reason) in [
         (
             Fault::TooManyRequests {
                 retry_after_secs: 3,
             },
+            "/?kubernetes-audience=a1",
             "429 Too Many Requests",
         ),
-        (Fault::Status(500), "HTTP 500"),
-        (Fault::Hang, "did not answer the TokenRequest within 500ms"),
+        (Fault::Status(500), "/?kubernetes-audience=a2", "HTTP 500"),
+        (
+            Fault::Hang,
+            "/?kubernetes-audience=a3",
+            "did not answer the TokenRequest within 500ms",
+        ),
     ] {
         s.api.inject(fault, 1);
-        let resp = process_one(&mut client, get("/?kubernetes-audience=a"), None)
-            .await
-            .unwrap();
+        let resp = process_one(&mut client, get(path), None).await.unwrap();
         let (code, body) = status_and_body(&resp);
         assert_eq!(code, 503, "{body}");
         assert!(body.contains(reason), "{body}");

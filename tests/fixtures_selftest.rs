@@ -845,3 +845,59 @@ async fn upstream_https_receives_large_bodies() {
     }
     assert_eq!(upstream.count(), 2);
 }
+
+#[tokio::test]
+async fn apiserver_publishes_its_issuer() {
+    let server = FakeApiServer::start(ApiServerOptions {
+        issuer: "https://oidc.selftest.example/id/1".into(),
+        ..ApiServerOptions::default()
+    })
+    .await;
+    let client = Client::new(&server);
+    let path = support::apiserver::DISCOVERY_PATH;
+    // Authenticated like every other path.
+    let resp = client.request("GET", path, None, None, &[]).await;
+    assert_status(&resp, 401, "Unauthorized");
+    assert_eq!(
+        server.discovery_requests(),
+        0,
+        "counted after authentication"
+    );
+    let resp = client
+        .request("GET", path, Some(server.caller_token()), None, &[])
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(resp.json()["issuer"], "https://oidc.selftest.example/id/1");
+    assert_eq!(
+        resp.json()["id_token_signing_alg_values_supported"],
+        json!(["RS256"])
+    );
+    // Its tokens carry that issuer.
+    let minted = client
+        .token_request("demo", "app", &token_request_body(&["a"], 3600))
+        .await;
+    let token = minted.json()["status"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let claims = server.verifier().verify_now(&token, Some("a")).unwrap();
+    assert_eq!(claims.iss, "https://oidc.selftest.example/id/1");
+    // Discovery faults are separate from token faults.
+    server.inject_discovery(Fault::Status(503), 1);
+    let resp = client
+        .request("GET", path, Some(server.caller_token()), None, &[])
+        .await;
+    assert_status(&resp, 503, "ServiceUnavailable");
+    let resp = client
+        .request("GET", path, Some(server.caller_token()), None, &[])
+        .await;
+    assert_eq!(resp.status, 200, "fault consumed");
+    server
+        .wait_for_discovery_requests(3, Duration::from_secs(5))
+        .await;
+    assert_eq!(server.discovery_requests(), 3);
+    assert_eq!(server.token_requests(), 1);
+    // The default issuer is kubeadm's.
+    let default = FakeApiServer::start(ApiServerOptions::default()).await;
+    assert_eq!(default.issuer(), ISSUER);
+}

@@ -204,6 +204,27 @@ pub struct Cli {
     )]
     pub token_request_timeout: Duration,
 
+    /// Most TokenRequests in flight at once, across all audiences (background
+    /// refreshes included), so a burst of new audiences cannot flood the API
+    /// server. Requests beyond it wait for a free slot, within
+    /// --token-request-timeout. At least 1.
+    #[arg(
+        long,
+        env = "KUBE_AUDIENCE_PROXY_MAX_CONCURRENT_TOKEN_REQUESTS",
+        value_name = "N",
+        default_value_t = 8
+    )]
+    pub max_concurrent_token_requests: u16,
+
+    /// Also mint tokens for the Kubernetes API server's own audiences
+    /// (`https://kubernetes.default.svc[.cluster.local]`, the API server URL,
+    /// the issuer it publishes), which are refused with 403 by default.
+    /// WARNING: whoever receives such a token can act as this proxy's
+    /// ServiceAccount against the API server. Only for a client that must
+    /// call the API server through this proxy and is trusted with that.
+    #[arg(long, env = "KUBE_AUDIENCE_PROXY_ALLOW_APISERVER_AUDIENCE")]
+    pub allow_apiserver_audience: bool,
+
     /// On SIGTERM/SIGINT, keep serving this long (reporting NOT_SERVING) so
     /// Envoy stops sending first, then drain in-flight streams and exit.
     #[arg(

@@ -81,6 +81,14 @@ pub enum ConfigError {
     /// A duration that must not be zero.
     #[error("{0} must be longer than zero")]
     ZeroDuration(&'static str),
+    /// No TokenRequest could ever be made.
+    #[error("--max-concurrent-token-requests must be at least 1")]
+    MaxConcurrentTokenRequests,
+    /// The default audience is one of the API server's own.
+    #[error(
+        "--default-audience {0:?} is an audience of the Kubernetes API server itself: every request without an audience would carry a token that acts as the ServiceAccount against the API server; name the target's audience instead (or pass --allow-apiserver-audience if that is really meant)"
+    )]
+    DefaultAudienceIsApiServer(String),
 }
 
 /// Every invalid setting of a command line, reported together so an

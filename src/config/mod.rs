@@ -54,6 +54,9 @@ pub struct Config {
     pub(crate) server: ServerSettings,
     /// Logging (main).
     pub(crate) telemetry: TelemetrySettings,
+    /// `--allow-apiserver-audience`: the API server's own audiences get
+    /// tokens too (app: no refusal, no discovery).
+    pub(crate) allow_apiserver_audience: bool,
 }
 
 impl Config {
@@ -151,6 +154,7 @@ impl TryFrom<Cli> for Config {
         let audience = audience_rules(&cli, &mut errors);
         let interception = interception(&cli, &mut errors);
         let server = server_settings(&cli, &mut errors);
+        let apiserver_ok = apiserver_audience(&cli, &mut errors);
         let telemetry = TelemetrySettings {
             level: cli.log_level,
             format: cli.log_format,
@@ -165,6 +169,7 @@ impl TryFrom<Cli> for Config {
                 local_destinations: LocalDestinations::from_flag(cli.allow_local_destinations),
                 server: server?,
                 telemetry,
+                allow_apiserver_audience: apiserver_ok.map(|()| cli.allow_apiserver_audience)?,
             })
         })();
         errors.finish(config)
@@ -255,9 +260,31 @@ fn non_zero(errors: &mut Collector, flag: &'static str, value: Duration) -> Opti
 }
 
 fn cache_limits(cli: &Cli, errors: &mut Collector) -> Option<Limits> {
+    let idle_timeout = non_zero(errors, "--audience-idle-timeout", cli.audience_idle_timeout);
+    let max_in_flight = errors.check(cli.max_concurrent_token_requests >= 1, || {
+        ConfigError::MaxConcurrentTokenRequests
+    });
     Some(Limits {
         max_audiences: cli.max_audiences,
-        idle_timeout: non_zero(errors, "--audience-idle-timeout", cli.audience_idle_timeout)?,
+        idle_timeout: idle_timeout?,
+        max_in_flight: max_in_flight.map(|()| usize::from(cli.max_concurrent_token_requests))?,
+        // Validated (non-zero) with the token settings.
+        request_timeout: cli.token_request_timeout,
+    })
+}
+
+/// A `--default-audience` that is one of the API server's own audiences
+/// would make every request without an audience carry a token for the API
+/// server: refused unless `--allow-apiserver-audience`. Only the well-known
+/// names and `--apiserver` are known here; the issuer learned at startup is
+/// checked then (a warning, and such requests are refused).
+fn apiserver_audience(cli: &Cli, errors: &mut Collector) -> Option<()> {
+    let refused = !cli.allow_apiserver_audience
+        && cli.default_audience.as_deref().is_some_and(|audience| {
+            crate::apiserver::is_known_apiserver_audience(audience, cli.apiserver.as_deref())
+        });
+    errors.check(!refused, || {
+        ConfigError::DefaultAudienceIsApiServer(cli.default_audience.clone().unwrap_or_default())
     })
 }
 

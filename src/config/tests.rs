@@ -248,6 +248,10 @@ fn every_invalid_flag_is_reported_at_once() {
         "--apiserver",
         "::",
         "--bind-pod",
+        "--max-concurrent-token-requests",
+        "0",
+        "--default-audience",
+        "https://kubernetes.default.svc",
     ])
     .unwrap_err();
     let kinds: Vec<&str> = errors
@@ -269,6 +273,8 @@ fn every_invalid_flag_is_reported_at_once() {
             ConfigError::InterceptHost(_) => "intercept-host",
             ConfigError::CertificateValidity => "certificate-validity",
             ConfigError::ZeroDuration(flag) => flag,
+            ConfigError::MaxConcurrentTokenRequests => "max-concurrent-token-requests",
+            ConfigError::DefaultAudienceIsApiServer(_) => "default-audience-apiserver",
         })
         .collect();
     assert_eq!(
@@ -281,6 +287,7 @@ fn every_invalid_flag_is_reported_at_once() {
             "--token-request-timeout",
             "bind-pod",
             "--audience-idle-timeout",
+            "max-concurrent-token-requests",
             "audience-header",
             "audience-parameter",
             "allowed-audience",
@@ -290,6 +297,7 @@ fn every_invalid_flag_is_reported_at_once() {
             "certificate-validity",
             "not-loopback",
             "--admin-listen-address",
+            "default-audience-apiserver",
         ]
     );
     // One line per error, so the binary prints each on its own line.

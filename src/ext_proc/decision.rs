@@ -25,6 +25,7 @@ use envoy_types::pb::google::protobuf::value::Kind;
 
 use super::response::{self, Mutation};
 use super::{INTERCEPT_MARKER, OnTokenError, SNI_ATTRIBUTE, StreamContext};
+use crate::apiserver::ApiServerAudiences;
 use crate::audience::{Audience, Rejection, RequestParts, Rules, Source};
 use crate::destination::Destination;
 use crate::intercept::{Host, InterceptHosts};
@@ -143,10 +144,15 @@ pub(crate) struct Policy {
     pub intercept: InterceptHosts,
     /// Whether requests to local destinations are refused.
     pub local: LocalDestinations,
+    /// The API server's own audiences, refused; `None` with
+    /// `--allow-apiserver-audience`. Shared with discovery, which adds the
+    /// issuer once it is known (a read lock per injection).
+    pub apiserver: Option<ApiServerAudiences>,
 }
 
 impl Policy {
-    /// Decides what to do with `request`. Pure: no I/O, no clock.
+    /// Decides what to do with `request`. Pure: no I/O, no clock (the
+    /// API server's audiences are read from shared memory).
     pub(crate) fn decide<'a>(&'a self, request: &Request<'a>) -> Decision<'a> {
         // First: a plain request or a CONNECT to this machine goes nowhere,
         // whatever else it carries.
@@ -192,6 +198,11 @@ impl Policy {
         let Some((audience, source)) = resolution.audience else {
             return Decision::Answer(Verdict::PassThrough);
         };
+        if let Some(refused) = &self.apiserver
+            && refused.refuses(audience.as_str())
+        {
+            return Decision::Answer(Verdict::Refuse(Rejection::ApiServerAudience { audience }));
+        }
         // The binding: with destination rules, whatever the audience's
         // source, a token goes only where a rule admits it.
         if let Err(rejection) =

@@ -27,6 +27,7 @@ use futures_util::Stream;
 use tonic::metadata::MetadataMap;
 use tonic::{Status, Streaming};
 
+use crate::apiserver::ApiServerAudiences;
 use crate::audience::{self, Rules};
 use crate::intercept::InterceptHosts;
 use crate::local::LocalDestinations;
@@ -100,13 +101,15 @@ impl StreamContext {
 }
 
 impl<S: TokenSource> ExtProc<S> {
-    /// A processor resolving audiences with `rules` and tokens from `tokens`.
+    /// A processor resolving audiences with `rules` and tokens from
+    /// `tokens`, refusing the `apiserver` audiences (`None`: allowed).
     pub fn new(
         rules: Rules,
         tokens: TokenCache<S>,
         on_token_error: OnTokenError,
         intercept: InterceptHosts,
         local: LocalDestinations,
+        apiserver: Option<ApiServerAudiences>,
     ) -> ExtProc<S> {
         ExtProc {
             inner: Arc::new(Inner {
@@ -114,6 +117,7 @@ impl<S: TokenSource> ExtProc<S> {
                     rules,
                     intercept,
                     local,
+                    apiserver,
                 },
                 tokens,
                 on_token_error,

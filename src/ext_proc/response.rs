@@ -147,6 +147,7 @@ pub(crate) fn rejection_status(rejection: &Rejection) -> StatusCode {
         | Rejection::Ambiguous { .. } => StatusCode::BadRequest,
         Rejection::NotAllowed { .. } => StatusCode::Forbidden,
         Rejection::NotBound { .. } => StatusCode::Forbidden,
+        Rejection::ApiServerAudience { .. } => StatusCode::Forbidden,
     }
 }
 
@@ -159,18 +160,32 @@ pub(crate) fn refuse(rejection: &Rejection) -> ProcessingResponse {
         Rejection::Ambiguous { .. } => "kube_audience_proxy_ambiguous_audience",
         Rejection::NotAllowed { .. } => "kube_audience_proxy_audience_not_allowed",
         Rejection::NotBound { .. } => "kube_audience_proxy_audience_not_bound",
+        Rejection::ApiServerAudience { .. } => "kube_audience_proxy_apiserver_audience",
     };
     immediate(rejection_status(rejection), &rejection.to_string(), details)
 }
 
-/// Envoy answers the client with 503: no token could be had.
+/// Envoy answers the client with 503: no token could be had. While the
+/// audience backs off, `retry-after` says (in whole seconds, rounded up)
+/// when asking again can help.
 pub(crate) fn token_unavailable(audience: &str, error: &tokens::Error) -> ProcessingResponse {
     let reason = format!("no token for audience {audience:?}: {error}");
-    immediate(
+    let mut answer = immediate(
         StatusCode::ServiceUnavailable,
         &reason,
         "kube_audience_proxy_token_unavailable",
-    )
+    );
+    if let (Some(retry_in), Some(Response::ImmediateResponse(immediate))) =
+        (error.retry_in(), answer.response.as_mut())
+    {
+        let seconds = tokens::whole_seconds(retry_in).to_string();
+        immediate
+            .headers
+            .get_or_insert_with(HeaderMutation::default)
+            .set_headers
+            .push(overwrite("retry-after", seconds.into_bytes()));
+    }
+    answer
 }
 
 fn immediate(status: StatusCode, reason: &str, details: &str) -> ProcessingResponse {
@@ -335,11 +350,12 @@ mod tests {
             ),
             (
                 Rejection::NotBound {
-                    audience: aud,
+                    audience: aud.clone(),
                     host: "http://h:80".into(),
                 },
                 403,
             ),
+            (Rejection::ApiServerAudience { audience: aud }, 403),
         ];
         for (rejection, code) in cases {
             let Some(Response::ImmediateResponse(i)) = refuse(&rejection).response else {
@@ -357,5 +373,42 @@ mod tests {
         };
         assert_eq!(i.status.unwrap().code, 503);
         assert!(String::from_utf8(i.body).unwrap().contains("403 Forbidden"));
+    }
+
+    #[test]
+    fn a_backing_off_audience_gets_retry_after_in_whole_seconds() {
+        let retry_after = |error: &tokens::Error| {
+            let Some(Response::ImmediateResponse(i)) = token_unavailable("aud", error).response
+            else {
+                panic!()
+            };
+            assert_eq!(i.status.unwrap().code, 503);
+            let headers = i.headers.unwrap().set_headers;
+            let found: Vec<_> = headers
+                .iter()
+                .filter_map(|o| o.header.as_ref())
+                .filter(|h| h.key == "retry-after")
+                .map(|h| String::from_utf8(h.raw_value.clone()).unwrap())
+                .collect();
+            (found, String::from_utf8(i.body).unwrap())
+        };
+        let backing_off = |millis| tokens::Error::BackingOff {
+            cause: Box::new(tokens::Error::RateLimited {
+                retry_after: Some(std::time::Duration::from_secs(5)),
+            }),
+            retry_in: std::time::Duration::from_millis(millis),
+        };
+        let (header, body) = retry_after(&backing_off(4_200));
+        assert_eq!(header, ["5"], "rounded up");
+        assert!(body.contains("429 Too Many Requests"), "{body}");
+        assert!(body.contains("asks again in 5 s"), "{body}");
+        assert_eq!(retry_after(&backing_off(5_000)).0, ["5"]);
+        assert_eq!(retry_after(&backing_off(1)).0, ["1"]);
+        // No window, no header.
+        assert!(
+            retry_after(&tokens::Error::Server { status: 500 })
+                .0
+                .is_empty()
+        );
     }
 }

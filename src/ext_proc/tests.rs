@@ -19,6 +19,7 @@ use super::decision::{Decision, Injection, Policy, Request, Verdict};
 use super::response::Mutation;
 use super::*;
 use crate::allowlist::Allowlist;
+use crate::apiserver::ApiServerAudiences;
 use crate::audience::{Audience, Rejection, Source};
 use crate::destination::DestinationRules;
 use crate::local::LocalDestinations;
@@ -85,6 +86,8 @@ fn processor_with(
     let limits = Limits {
         max_audiences: 100,
         idle_timeout: Duration::from_secs(3600),
+        max_in_flight: 8,
+        request_timeout: Duration::from_secs(4),
     };
     let intercept = InterceptHosts::new(["*.intercept.test", "10.0.0.1"]).unwrap();
     let rules = Rules {
@@ -97,6 +100,7 @@ fn processor_with(
         on_token_error,
         intercept,
         local,
+        Some(ApiServerAudiences::new(["https://10.96.0.1:443"])),
     );
     (processor, fake)
 }
@@ -747,6 +751,7 @@ fn the_decision_is_pure() {
         rules: rules(None),
         intercept: InterceptHosts::default(),
         local: LocalDestinations::Refuse,
+        apiserver: None,
     };
     let request = Request {
         method: b"GET",

@@ -1,5 +1,6 @@
 //! The token cache: one entry per audience, single-flight minting, background
-//! refresh, serve-while-valid on refresh failure, bounded size, idle expiry.
+//! refresh, serve-while-valid on refresh failure, back-off after a failed
+//! mint, a bound on TokenRequests in flight, bounded size, idle expiry.
 //!
 //! A request for an audience
 //! - with a usable token gets it at once; if the token is past its refresh
@@ -8,7 +9,17 @@
 //! - with no entry (or one whose token is no longer usable) mints one. moka's
 //!   `try_get_with` makes concurrent misses share a single TokenRequest, and
 //!   share its error too, so a failing API server sees one call, not one per
-//!   waiting request.
+//!   waiting request;
+//! - whose last mint failed gets that failure at once, without a
+//!   TokenRequest, until the back-off window of the failure has passed
+//!   ([`Policy::failure_window`]: `Retry-After` on 429, exponential on 5xx
+//!   and timeouts, a short fixed window on refusals). The error then says
+//!   how long is left ([`Error::BackingOff`]), for the 503's `retry-after`.
+//!
+//! Every TokenRequest, foreground or background refresh, first takes one of
+//! [`Limits::max_in_flight`] permits, so a burst of new audiences cannot
+//! flood the API server. A request that finds none free waits, within the
+//! same `--token-request-timeout` that bounds the TokenRequest itself.
 //!
 //! Time is tokio time, so tests drive refresh and expiry with a paused clock.
 
@@ -18,12 +29,16 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use super::backoff::Failures;
+use super::limit::Limited;
 use super::schedule::Policy;
 use super::{Error, IssuedToken, TokenSource};
 use crate::audience::Audience;
 use crate::secret::Token;
 
-/// Bounds on what the cache holds (`--max-audiences`, `--audience-idle-timeout`).
+/// Bounds on what the cache holds and asks for (`--max-audiences`,
+/// `--audience-idle-timeout`, `--max-concurrent-token-requests`,
+/// `--token-request-timeout`).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Most audiences held at once (`--max-audiences`); the least recently
@@ -31,12 +46,20 @@ pub struct Limits {
     pub max_audiences: u64,
     /// An audience unused for this long is dropped (`--audience-idle-timeout`).
     pub idle_timeout: Duration,
+    /// Most TokenRequests in flight at once, across all audiences
+    /// (`--max-concurrent-token-requests`, at least 1).
+    pub max_in_flight: usize,
+    /// Bound on waiting for a free slot plus the TokenRequest itself
+    /// (`--token-request-timeout`).
+    pub request_timeout: Duration,
 }
 
 /// Tokens per audience. Cheap to clone (shared state).
 pub struct TokenCache<S> {
-    source: Arc<S>,
+    source: Limited<S>,
     entries: moka::future::Cache<Audience, Arc<Entry>>,
+    /// Back-off windows of audiences whose last mint failed.
+    failures: Failures,
     policy: Policy,
 }
 
@@ -45,6 +68,7 @@ impl<S> Clone for TokenCache<S> {
         TokenCache {
             source: self.source.clone(),
             entries: self.entries.clone(),
+            failures: self.failures.clone(),
             policy: self.policy,
         }
     }
@@ -107,8 +131,9 @@ impl<S: TokenSource> TokenCache<S> {
             .time_to_idle(limits.idle_timeout)
             .build();
         TokenCache {
-            source: Arc::new(source),
+            source: Limited::new(source, limits.max_in_flight, limits.request_timeout),
             entries,
+            failures: Failures::new(limits.max_audiences, policy),
             policy,
         }
     }
@@ -127,6 +152,9 @@ impl<S: TokenSource> TokenCache<S> {
             // Refreshes failed until the token became unusable: drop this
             // entry (unless another request already replaced it) and mint.
             crate::moka_ext::remove_if_same(&self.entries, audience, &entry).await;
+        }
+        if let Some(error) = self.failures.check(audience).await {
+            return Err(Arc::new(error));
         }
         let entry = self
             .entries
@@ -148,13 +176,27 @@ impl<S: TokenSource> TokenCache<S> {
     }
 
     async fn mint_entry(&self, audience: &Audience) -> Result<Arc<Entry>, Error> {
-        let issued = self.source.mint(audience).await?;
-        let current = Current::new(issued, &self.policy)?;
-        tracing::debug!(%audience, "minted a token");
-        Ok(Arc::new(Entry {
-            current: RwLock::new(current),
-            refreshing: AtomicBool::new(false),
-        }))
+        // A request that looked before the previous mint's failure was
+        // recorded may start this one after it: answer it from the window.
+        if let Some(error) = self.failures.check(audience).await {
+            return Err(error);
+        }
+        let outcome = self
+            .source
+            .mint(audience)
+            .await
+            .and_then(|issued| Current::new(issued, &self.policy));
+        match outcome {
+            Ok(current) => {
+                self.failures.clear(audience).await;
+                tracing::debug!(%audience, "minted a token");
+                Ok(Arc::new(Entry {
+                    current: RwLock::new(current),
+                    refreshing: AtomicBool::new(false),
+                }))
+            }
+            Err(error) => Err(self.failures.record(audience, error).await),
+        }
     }
 
     fn start_refresh(&self, audience: &Audience, entry: &Arc<Entry>) {
@@ -173,7 +215,7 @@ impl<S: TokenSource> TokenCache<S> {
 /// evicted, or the next retry would come after the current token's end (the
 /// next request then mints in the foreground).
 async fn refresh<S: TokenSource>(
-    source: Arc<S>,
+    source: Limited<S>,
     policy: Policy,
     audience: Audience,
     entry: Weak<Entry>,
@@ -210,288 +252,4 @@ async fn refresh<S: TokenSource>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::VecDeque;
-    use std::sync::Mutex;
-
-    /// How long a test waits for an expected event: tokio time, so with a
-    /// paused clock a missing event fails at once rather than hanging.
-    const DEADLINE: Duration = Duration::from_secs(24 * 3600);
-
-    /// A scripted source: each call pops the next outcome (default: a token
-    /// valid for an hour) and records, on tokio's clock, when it answered.
-    #[derive(Clone)]
-    struct Scripted {
-        answered: Arc<tokio::sync::watch::Sender<Vec<Instant>>>,
-        script: Arc<Mutex<VecDeque<Result<Duration, Error>>>>,
-        delay: Duration,
-    }
-
-    impl Default for Scripted {
-        fn default() -> Self {
-            Scripted {
-                answered: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
-                script: Arc::default(),
-                delay: Duration::ZERO,
-            }
-        }
-    }
-
-    impl Scripted {
-        fn push(&self, outcome: Result<Duration, Error>) {
-            self.script.lock().unwrap().push_back(outcome);
-        }
-
-        fn calls(&self) -> usize {
-            self.answered.borrow().len()
-        }
-
-        /// Waits (up to [`DEADLINE`]) until `n` calls have been answered and
-        /// returns when each was. A background refresh acts on an answer in
-        /// the poll in which it gets it (storing the token, or starting its
-        /// backoff sleep), and the test runtime has one thread, so once this
-        /// returns the cache reflects the `n`th answer.
-        async fn wait_for_calls(&self, n: usize) -> Vec<Instant> {
-            let mut answered = self.answered.subscribe();
-            let waited =
-                tokio::time::timeout(DEADLINE, answered.wait_for(|times| times.len() >= n)).await;
-            match waited {
-                Ok(Ok(times)) => times.clone(),
-                _ => panic!("{n} calls expected, {} answered", self.calls()),
-            }
-        }
-    }
-
-    impl TokenSource for Scripted {
-        async fn mint(&self, audience: &Audience) -> Result<IssuedToken, Error> {
-            if !self.delay.is_zero() {
-                tokio::time::sleep(self.delay).await;
-            }
-            let next = self.script.lock().unwrap().pop_front();
-            let mut n = 0;
-            self.answered.send_modify(|times| {
-                times.push(Instant::now());
-                n = times.len();
-            });
-            let lifetime = next.unwrap_or(Ok(Duration::from_secs(3600)))?;
-            Ok(IssuedToken {
-                token: Token::new(format!("{audience}-{n}")).unwrap(),
-                expires_at: SystemTime::now() + lifetime,
-            })
-        }
-    }
-
-    fn limits() -> Limits {
-        Limits {
-            max_audiences: 100,
-            idle_timeout: Duration::from_secs(3600),
-        }
-    }
-
-    fn aud(s: &str) -> Audience {
-        Audience::parse(s.as_bytes(), crate::audience::Source::Default).unwrap()
-    }
-
-    /// Whether a background refresh of `audience` has started (and not
-    /// succeeded yet).
-    async fn refreshing<S: TokenSource>(cache: &TokenCache<S>, audience: &str) -> bool {
-        let entry = cache.entries.get(&aud(audience)).await.expect("cached");
-        entry.refreshing.load(Ordering::Acquire)
-    }
-
-    /// `times` as offsets from `start`.
-    fn since(start: Instant, times: &[Instant]) -> Vec<Duration> {
-        times.iter().map(|t| t.duration_since(start)).collect()
-    }
-
-    fn secs(s: &[u64]) -> Vec<Duration> {
-        s.iter().copied().map(Duration::from_secs).collect()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn caches_per_audience() {
-        let source = Scripted::default();
-        let cache = TokenCache::new(source.clone(), limits());
-        let a1 = cache.get(&aud("a")).await.unwrap();
-        let a2 = cache.get(&aud("a")).await.unwrap();
-        let b = cache.get(&aud("b")).await.unwrap();
-        assert_eq!(a1.expose_secret(), "a-1");
-        assert_eq!(a1, a2);
-        assert_eq!(b.expose_secret(), "b-2");
-        assert_eq!(source.calls(), 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn concurrent_misses_make_one_request() {
-        let source = Scripted {
-            delay: Duration::from_millis(50),
-            ..Default::default()
-        };
-        let cache = TokenCache::new(source.clone(), limits());
-        let tasks: Vec<_> = (0..200)
-            .map(|_| {
-                let cache = cache.clone();
-                tokio::spawn(async move { cache.get(&aud("a")).await })
-            })
-            .collect();
-        for task in tasks {
-            assert_eq!(task.await.unwrap().unwrap().expose_secret(), "a-1");
-        }
-        assert_eq!(source.calls(), 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn concurrent_misses_share_one_failure() {
-        let source = Scripted {
-            delay: Duration::from_millis(50),
-            ..Default::default()
-        };
-        source.push(Err(Error::Server { status: 500 }));
-        let cache = TokenCache::new(source.clone(), limits());
-        let tasks: Vec<_> = (0..50)
-            .map(|_| {
-                let cache = cache.clone();
-                tokio::spawn(async move { cache.get(&aud("a")).await })
-            })
-            .collect();
-        for task in tasks {
-            assert_eq!(
-                *task.await.unwrap().unwrap_err(),
-                Error::Server { status: 500 }
-            );
-        }
-        assert_eq!(source.calls(), 1);
-        // Errors are not cached: the next request tries again.
-        assert_eq!(cache.get(&aud("a")).await.unwrap().expose_secret(), "a-2");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn refreshes_in_the_background_after_eighty_percent() {
-        let source = Scripted::default();
-        let cache = TokenCache::new(source.clone(), limits());
-        let start = Instant::now();
-        let first = cache.get(&aud("a")).await.unwrap();
-        // Before the refresh point (80 % minus at most 5 % jitter): no refresh.
-        tokio::time::advance(Duration::from_secs(2690)).await;
-        assert_eq!(cache.get(&aud("a")).await.unwrap(), first);
-        assert!(!refreshing(&cache, "a").await);
-        assert_eq!(source.calls(), 1);
-        // After it: the request is answered with the current token at once
-        // and a single refresh runs behind it, at once.
-        tokio::time::advance(Duration::from_secs(200)).await;
-        assert_eq!(cache.get(&aud("a")).await.unwrap(), first);
-        assert!(refreshing(&cache, "a").await);
-        assert_eq!(cache.get(&aud("a")).await.unwrap(), first);
-        let times = source.wait_for_calls(2).await;
-        assert_eq!(since(start, &times), secs(&[0, 2890]));
-        assert!(!refreshing(&cache, "a").await, "the refresh succeeded");
-        assert_eq!(cache.get(&aud("a")).await.unwrap().expose_secret(), "a-2");
-        assert_eq!(source.calls(), 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failed_refresh_serves_current_token_then_fails_closed() {
-        let source = Scripted::default();
-        let cache = TokenCache::new(source.clone(), limits());
-        let start = Instant::now();
-        let first = cache.get(&aud("a")).await.unwrap();
-        for _ in 0..100 {
-            source.push(Err(Error::RateLimited {
-                retry_after: Some(Duration::from_secs(100)),
-            }));
-        }
-        tokio::time::advance(Duration::from_secs(2900)).await;
-        assert_eq!(cache.get(&aud("a")).await.unwrap(), first);
-        // Retry-After (100 s) is honoured: one retry every 100 s while the
-        // token is usable (until 3570 s); the next (3600 s) would not fit.
-        let times = source.wait_for_calls(8).await;
-        assert_eq!(
-            since(start, &times),
-            secs(&[0, 2900, 3000, 3100, 3200, 3300, 3400, 3500])
-        );
-        // Still serving the old token up to 30 s before expiry (3570 s).
-        tokio::time::advance(start + Duration::from_secs(3569) - Instant::now()).await;
-        assert_eq!(cache.get(&aud("a")).await.unwrap(), first);
-        assert_eq!(source.calls(), 8, "no retry after the last that fits");
-        // Past that the proxy fails closed (with the API server's error)...
-        tokio::time::advance(Duration::from_secs(2)).await;
-        let err = cache.get(&aud("a")).await.unwrap_err();
-        assert_eq!(err.kind(), "rate_limited");
-        assert_eq!(source.calls(), 9);
-        // ...and recovers as soon as the API server does.
-        source.script.lock().unwrap().clear();
-        assert_eq!(cache.get(&aud("a")).await.unwrap().expose_secret(), "a-10");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn backoff_grows_between_failed_refreshes() {
-        let source = Scripted::default();
-        let cache = TokenCache::new(source.clone(), limits());
-        let start = Instant::now();
-        cache.get(&aud("a")).await.unwrap();
-        for _ in 0..5 {
-            source.push(Err(Error::Server { status: 503 }));
-        }
-        tokio::time::advance(Duration::from_secs(2900)).await;
-        cache.get(&aud("a")).await.unwrap();
-        // Attempts at t=0, +1 s, +3 s, +7 s (1 s, 2 s, then 4 s backoff).
-        let times = source.wait_for_calls(5).await;
-        assert_eq!(since(start, &times), secs(&[0, 2900, 2901, 2903, 2907]));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn tokens_too_short_lived_are_refused() {
-        let source = Scripted::default();
-        source.push(Ok(Duration::from_secs(20)));
-        let cache = TokenCache::new(source.clone(), limits());
-        let err = cache.get(&aud("a")).await.unwrap_err();
-        assert_eq!(err.kind(), "bad_response");
-    }
-
-    #[tokio::test]
-    async fn idle_audiences_age_out() {
-        let source = Scripted::default();
-        let cache = TokenCache::new(
-            source.clone(),
-            Limits {
-                max_audiences: 10,
-                idle_timeout: Duration::from_millis(50),
-            },
-        );
-        cache.get(&aud("a")).await.unwrap();
-        // moka keeps its own clock (tokio's paused clock cannot drive it), so
-        // this polls the cache's entry count, in real time, under a deadline.
-        // Neither run_pending_tasks nor entry_count counts as an access.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            cache.entries.run_pending_tasks().await;
-            if cache.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the idle audience is still cached"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(cache.get(&aud("a")).await.unwrap().expose_secret(), "a-2");
-    }
-
-    #[tokio::test]
-    async fn bounded_number_of_audiences() {
-        let source = Scripted::default();
-        let cache = TokenCache::new(
-            source,
-            Limits {
-                max_audiences: 10,
-                idle_timeout: Duration::from_secs(3600),
-            },
-        );
-        for i in 0..100 {
-            cache.get(&aud(&format!("a{i}"))).await.unwrap();
-        }
-        cache.entries.run_pending_tasks().await;
-        assert!(cache.len() <= 10, "{} audiences held", cache.len());
-    }
-}
+mod tests;

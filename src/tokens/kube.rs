@@ -128,8 +128,11 @@ pub enum ClientError {
 
 /// The kube client for `settings`, with kube's own retries off: the token
 /// cache owns retries (backoff, Retry-After, serve-while-valid), and kube's
-/// retry loop would hide failures and multiply TokenRequests.
-pub(crate) async fn client(settings: &KubeSettings) -> Result<kube::Client, ClientError> {
+/// retry loop would hide failures and multiply TokenRequests. Also returns
+/// the API server URL the client talks to (its own audiences include it).
+pub(crate) async fn client(
+    settings: &KubeSettings,
+) -> Result<(kube::Client, http::Uri), ClientError> {
     let mut config = match &settings.kubeconfig {
         Some(path) => {
             let error = |reason| ClientError::Kubeconfig {
@@ -150,7 +153,9 @@ pub(crate) async fn client(settings: &KubeSettings) -> Result<kube::Client, Clie
         config.cluster_url = url.clone();
     }
     config.default_retry = false;
-    kube::Client::try_from(config).map_err(ClientError::Client)
+    let url = config.cluster_url.clone();
+    let client = kube::Client::try_from(config).map_err(ClientError::Client)?;
+    Ok((client, url))
 }
 
 impl TokenSource for KubeTokenSource {
@@ -204,7 +209,7 @@ fn parse_issued(body: &[u8]) -> Result<IssuedToken, Error> {
 
 /// A short reason for a transport failure. kube's errors describe the
 /// connection (refused, TLS, DNS); they hold no request data.
-fn transport_reason(error: &kube::Error) -> String {
+pub(crate) fn transport_reason(error: &kube::Error) -> String {
     let mut reason = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(inner) = source {

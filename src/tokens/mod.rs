@@ -2,8 +2,10 @@
 //! they are cached and refreshed ([`cache::TokenCache`]), and how failures
 //! are described ([`Error`]).
 
+mod backoff;
 pub(crate) mod cache;
 pub(crate) mod kube;
+mod limit;
 pub(crate) mod schedule;
 
 use std::future::Future;
@@ -69,6 +71,21 @@ pub enum Error {
     /// The answer was a success but unusable.
     #[error("the API server's TokenRequest answer is unusable: {0}")]
     BadResponse(&'static str),
+    /// `--max-concurrent-token-requests` TokenRequests were in flight for
+    /// the whole `--token-request-timeout`: the proxy's own limit, not an
+    /// answer of the API server (so no back-off follows).
+    #[error(
+        "{limit} TokenRequests were already in flight (--max-concurrent-token-requests) and none finished within {timeout:?}"
+    )]
+    Busy { limit: usize, timeout: Duration },
+    /// An earlier TokenRequest for this audience failed with `cause`, and
+    /// the proxy does not ask again before `retry_in` has passed.
+    #[error("{cause}; the proxy asks again in {} s", whole_seconds(*retry_in))]
+    BackingOff {
+        cause: Box<Error>,
+        /// What is left of the back-off window.
+        retry_in: Duration,
+    },
 }
 
 impl Error {
@@ -84,7 +101,18 @@ impl Error {
             | Error::Unexpected { .. }
             | Error::Transport(_)
             | Error::Timeout(_)
-            | Error::BadResponse(_) => None,
+            | Error::BadResponse(_)
+            | Error::Busy { .. }
+            | Error::BackingOff { .. } => None,
+        }
+    }
+
+    /// When the client may try again, for the `retry-after` of the 503:
+    /// what is left of the audience's back-off window.
+    pub fn retry_in(&self) -> Option<Duration> {
+        match self {
+            Error::BackingOff { retry_in, .. } => Some(*retry_in),
+            _ => None,
         }
     }
 
@@ -101,6 +129,15 @@ impl Error {
             Error::Transport(_) => "transport",
             Error::Timeout(_) => "timeout",
             Error::BadResponse(_) => "bad_response",
+            Error::Busy { .. } => "busy",
+            Error::BackingOff { .. } => "backing_off",
         }
     }
+}
+
+/// `duration` in whole seconds, rounded up (a `Retry-After` must not invite
+/// the client back before the window ends), at least 1.
+pub(crate) fn whole_seconds(duration: Duration) -> u64 {
+    let secs = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
+    secs.max(1)
 }

@@ -7,8 +7,13 @@
 //!   even while refreshes fail; after that the proxy fails closed.
 //! - Failed refreshes are retried with exponential backoff; a `Retry-After`
 //!   from the API server is honoured (clamped to a sane window).
+//! - A failed TokenRequest for an audience without a usable token opens a
+//!   back-off window for that audience ([`Policy::failure_window`]): requests
+//!   in it get the failure at once instead of asking the API server again.
 
 use std::time::Duration;
+
+use super::Error;
 
 /// Refresh and retry tuning. [`Policy::default`] is what the proxy uses.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -25,6 +30,13 @@ pub(crate) struct Policy {
     pub max_backoff: Duration,
     /// Longest `Retry-After` honoured.
     pub max_retry_after: Duration,
+    /// Longest back-off window after a failed TokenRequest for an audience
+    /// without a token (requests get 503 meanwhile, so keep it short).
+    pub max_failure_window: Duration,
+    /// The window after an answer that retrying will not change (401, 403,
+    /// 404, 400/422, an unusable answer): short, so a fixed RBAC rule or
+    /// ServiceAccount is picked up quickly.
+    pub refusal_window: Duration,
 }
 
 impl Default for Policy {
@@ -36,6 +48,8 @@ impl Default for Policy {
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
             max_retry_after: Duration::from_secs(300),
+            max_failure_window: Duration::from_secs(60),
+            refusal_window: Duration::from_secs(5),
         }
     }
 }
@@ -66,6 +80,38 @@ impl Policy {
         match retry_after {
             Some(hint) => exponential.max(hint.min(self.max_retry_after)),
             None => exponential,
+        }
+    }
+}
+
+impl Policy {
+    /// For how long, after failure number `attempt` (0 for the first) of a
+    /// TokenRequest for an audience without a usable token, requests for
+    /// that audience get the failure at once. `None`: no window.
+    ///
+    /// - 429: `Retry-After` (at least the exponential backoff), capped at
+    ///   [`Policy::max_failure_window`];
+    /// - 5xx, timeout, connection failure: exponential backoff (1 s, 2 s,
+    ///   4 s, ...) capped at [`Policy::max_failure_window`];
+    /// - 401, 403, 404, 400/422, other statuses, an unusable answer:
+    ///   [`Policy::refusal_window`], so requests stop hammering a refusal;
+    /// - the proxy's own in-flight limit: none (the API server said nothing).
+    pub(crate) fn failure_window(&self, attempt: u32, error: &Error) -> Option<Duration> {
+        match error {
+            Error::RateLimited { retry_after } => Some(
+                self.backoff(attempt, *retry_after)
+                    .min(self.max_failure_window),
+            ),
+            Error::Server { .. } | Error::Timeout(_) | Error::Transport(_) => {
+                Some(self.backoff(attempt, None).min(self.max_failure_window))
+            }
+            Error::Unauthorized
+            | Error::Forbidden
+            | Error::NotFound
+            | Error::Invalid { .. }
+            | Error::Unexpected { .. }
+            | Error::BadResponse(_) => Some(self.refusal_window),
+            Error::Busy { .. } | Error::BackingOff { .. } => None,
         }
     }
 }
@@ -132,5 +178,50 @@ mod tests {
             p.backoff(0, Some(Duration::from_secs(86_400))),
             p.max_retry_after
         );
+    }
+
+    #[test]
+    fn failure_windows() {
+        let p = Policy::default();
+        let limited = |secs| Error::RateLimited {
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        let window = |attempt, error: &Error| p.failure_window(attempt, error).map(|d| d.as_secs());
+        // Retry-After is honoured, never below our own backoff, capped at 60 s.
+        assert_eq!(window(0, &limited(5)), Some(5));
+        assert_eq!(window(4, &limited(5)), Some(16));
+        assert_eq!(window(0, &limited(3600)), Some(60));
+        assert_eq!(
+            window(2, &Error::RateLimited { retry_after: None }),
+            Some(4)
+        );
+        // Transient failures back off exponentially up to 60 s.
+        let transient = [
+            Error::Server { status: 503 },
+            Error::Timeout(Duration::from_secs(4)),
+            Error::Transport("refused".into()),
+        ];
+        for error in &transient {
+            let secs: Vec<_> = (0..8).map(|a| window(a, error).unwrap()).collect();
+            assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60], "{error}");
+        }
+        // Refusals get a short fixed window.
+        for error in [
+            Error::Unauthorized,
+            Error::Forbidden,
+            Error::NotFound,
+            Error::Invalid { status: 422 },
+            Error::Unexpected { status: 302 },
+            Error::BadResponse("x"),
+        ] {
+            assert_eq!(window(0, &error), Some(5), "{error}");
+            assert_eq!(window(9, &error), Some(5), "{error}");
+        }
+        // Our own limit is no reason to stop asking.
+        let busy = Error::Busy {
+            limit: 8,
+            timeout: Duration::from_secs(4),
+        };
+        assert_eq!(window(0, &busy), None);
     }
 }

@@ -32,8 +32,11 @@ use tokio_rustls::TlsAcceptor;
 use super::jwt::{JwtIssuer, JwtVerifier, now_unix};
 use super::tls::{TestCa, spawn_accept_loop};
 
-/// `iss` of every token, like a default kubeadm cluster.
+/// `iss` of every token by default, like a default kubeadm cluster (see
+/// [`ApiServerOptions::issuer`]).
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// Where the server publishes its OpenID discovery document (with `issuer`).
+pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 /// Audience used when a TokenRequest does not name any (`--api-audiences`).
 pub const DEFAULT_AUDIENCE: &str = "https://kubernetes.default.svc";
 /// `expirationSeconds` used when the request does not specify one.
@@ -57,6 +60,9 @@ pub struct ApiServerOptions {
     pub permitted_service_accounts: Vec<String>,
     /// The bearer token the caller must present.
     pub caller_token: String,
+    /// The service account issuer: `iss` of every token and `issuer` of the
+    /// discovery document (`--service-account-issuer`).
+    pub issuer: String,
 }
 
 impl Default for ApiServerOptions {
@@ -66,6 +72,7 @@ impl Default for ApiServerOptions {
             existing_service_accounts: vec!["app".into()],
             permitted_service_accounts: vec!["app".into()],
             caller_token: random_string(32),
+            issuer: ISSUER.into(),
         }
     }
 }
@@ -99,6 +106,9 @@ struct State {
     statuses: Mutex<Vec<u16>>,
     faults: Mutex<VecDeque<(Fault, usize)>>,
     latency: Mutex<Duration>,
+    /// Authenticated requests for the discovery document, counted on arrival.
+    discovery_requests: watch::Sender<usize>,
+    discovery_faults: Mutex<VecDeque<(Fault, usize)>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -125,8 +135,9 @@ impl Drop for FakeApiServer {
 impl FakeApiServer {
     pub async fn start(opts: ApiServerOptions) -> FakeApiServer {
         // Key generation is CPU-bound; keep it off the async workers.
+        let issuer = opts.issuer.clone();
         let (jwt, (ca_pem, tls_config)) =
-            tokio::task::spawn_blocking(|| (JwtIssuer::generate(ISSUER), generate_tls()))
+            tokio::task::spawn_blocking(move || (JwtIssuer::generate(&issuer), generate_tls()))
                 .await
                 .expect("generate keys");
         let verifier = jwt.verifier();
@@ -144,6 +155,8 @@ impl FakeApiServer {
             statuses: Mutex::new(Vec::new()),
             faults: Mutex::new(VecDeque::new()),
             latency: Mutex::new(Duration::ZERO),
+            discovery_requests: watch::Sender::new(0),
+            discovery_faults: Mutex::new(VecDeque::new()),
             shutdown,
         });
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -188,7 +201,36 @@ impl FakeApiServer {
     }
 
     pub fn issuer(&self) -> &str {
-        ISSUER
+        &self.state.opts.issuer
+    }
+
+    /// Authenticated requests for the discovery document so far (counted
+    /// on arrival, whatever their outcome).
+    pub fn discovery_requests(&self) -> usize {
+        *self.state.discovery_requests.borrow()
+    }
+
+    /// Waits until `n` discovery requests have arrived; panics after
+    /// `deadline`.
+    pub async fn wait_for_discovery_requests(&self, n: usize, deadline: Duration) {
+        let mut arrived = self.state.discovery_requests.subscribe();
+        let in_time = matches!(
+            tokio::time::timeout(deadline, arrived.wait_for(|count| *count >= n)).await,
+            Ok(Ok(_))
+        );
+        assert!(
+            in_time,
+            "{n} discovery requests expected within {deadline:?}, {} arrived",
+            self.discovery_requests()
+        );
+    }
+
+    /// The next `times` discovery requests get `fault` (`usize::MAX` = until
+    /// [`clear_faults`](Self::clear_faults)); token requests are unaffected.
+    pub fn inject_discovery(&self, fault: Fault, times: usize) {
+        if times > 0 {
+            lock(&self.state.discovery_faults).push_back((fault, times));
+        }
     }
 
     /// Verifies tokens minted by this server.
@@ -261,6 +303,7 @@ impl FakeApiServer {
 
     pub fn clear_faults(&self) {
         lock(&self.state.faults).clear();
+        lock(&self.state.discovery_faults).clear();
     }
 
     /// Latency added to every token request (before anything else).
@@ -355,6 +398,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
         );
     }
 
+    if path == DISCOVERY_PATH {
+        return discovery(&state, &parts.method).await;
+    }
     let Some((ns, name)) = token_target else {
         return not_found_path();
     };
@@ -613,7 +659,7 @@ async fn token_request(
         "aud": audiences,
         "exp": exp,
         "iat": now,
-        "iss": ISSUER,
+        "iss": state.opts.issuer,
         "jti": random_uuid(),
         "kubernetes.io": Value::Object(kube),
         "nbf": now,
@@ -646,8 +692,52 @@ async fn token_request(
     json_response(StatusCode::CREATED, &body)
 }
 
+/// The OpenID discovery document, as kube-apiserver serves it to
+/// authenticated callers (the default RBAC lets every ServiceAccount read
+/// it), after any injected discovery fault.
+async fn discovery(state: &State, method: &Method) -> Response<Full<Bytes>> {
+    state.discovery_requests.send_modify(|count| *count += 1);
+    if method != Method::GET {
+        return status_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+            Some(json!({})),
+        );
+    }
+    if let Some(fault) = next_fault(&state.discovery_faults) {
+        match fault {
+            Fault::Status(code) => return fault_status(code),
+            Fault::TooManyRequests { retry_after_secs } => {
+                return too_many_requests(retry_after_secs);
+            }
+            Fault::Delay(d) => tokio::time::sleep(d).await,
+            Fault::Hang => {
+                let mut rx = state.shutdown.subscribe();
+                let _ = rx.wait_for(|stopped| *stopped).await;
+                return fault_status(503);
+            }
+        }
+    }
+    let issuer = &state.opts.issuer;
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "issuer": issuer,
+            "jwks_uri": format!("{issuer}/openid/v1/jwks"),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        }),
+    )
+}
+
 fn take_fault(state: &State) -> Option<Fault> {
-    let mut faults = lock(&state.faults);
+    next_fault(&state.faults)
+}
+
+fn next_fault(queue: &Mutex<VecDeque<(Fault, usize)>>) -> Option<Fault> {
+    let mut faults = lock(queue);
     let (fault, remaining) = faults.front_mut()?;
     let fault = fault.clone();
     if *remaining != usize::MAX {
