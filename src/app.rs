@@ -234,11 +234,16 @@ fn log_destination_rules(config: &Config) {
 /// Creates (or loads) the CA, writes its certificate for the client, and
 /// builds the SDS service minting leaves from it.
 fn sds(interception: &Interception) -> Result<Sds, CaError> {
-    let authority =
-        CertificateAuthority::init(&interception.ca, &interception.hosts, SystemTime::now())?;
+    let authority = CertificateAuthority::init(
+        &interception.ca,
+        &interception.hosts,
+        interception.certificate_validity,
+        SystemTime::now(),
+    )?;
     tracing::info!(
         path = %interception.ca.destination.display(),
         hosts = interception.hosts.patterns().len(),
+        expires = %humantime::format_rfc3339_seconds(authority.not_after()),
         "interception CA certificate written"
     );
     let certs = Certificates::new(

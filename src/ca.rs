@@ -7,7 +7,7 @@
 //! world-readable, for the client to trust. With `--ca-key-file` and
 //! `--ca-cert-file` the CA is loaded from (or, on first start, written to)
 //! those files instead, so a restarted processor keeps the CA a running
-//! client already trusts.
+//! client already trusts; such a CA is checked first (see [`check`]).
 
 use std::fs;
 use std::io::Write;
@@ -23,6 +23,8 @@ use rcgen::{
 
 use crate::intercept::{HostPattern, InterceptHosts};
 use crate::secret::{KeyPem, Redacted};
+
+pub(crate) mod check;
 
 /// Tolerated clock skew: certificates are valid from this long ago.
 const BACKDATE: Duration = Duration::from_secs(300);
@@ -64,6 +66,18 @@ pub enum CaError {
         path: PathBuf,
         reason: String,
     },
+    /// The loaded CA cannot serve this configuration (see [`check`]).
+    #[error(
+        "the CA in {path} cannot be used: {reason}; replace --ca-key-file and --ca-cert-file, or delete both to have a new CA created (clients must then trust it)"
+    )]
+    Refused {
+        /// The certificate file.
+        path: PathBuf,
+        reason: String,
+    },
+    /// The CA's own validity ended: it signs nothing more.
+    #[error("the interception CA expired at {0}")]
+    Expired(String),
 }
 
 // The reason is interpolated into the message, so it is not also a
@@ -94,15 +108,27 @@ pub(crate) struct CertificateAuthority {
 
 impl CertificateAuthority {
     /// Sets up the CA per `settings` and writes the certificate for clients.
+    /// A loaded CA must be able to sign leaves valid `leaf_validity` for
+    /// every host in `hosts` ([`check::usable`]).
     pub(crate) fn init(
         settings: &CaSettings,
         hosts: &InterceptHosts,
+        leaf_validity: Duration,
         now: SystemTime,
     ) -> Result<CertificateAuthority, CaError> {
         let ca = match &settings.persisted {
             None => CertificateAuthority::generate(hosts, settings.validity, now)?,
             Some((key, cert)) => match (key.exists(), cert.exists()) {
-                (true, true) => CertificateAuthority::load(key, cert)?,
+                (true, true) => {
+                    let (ca, facts) = CertificateAuthority::load(key, cert)?;
+                    check::usable(&facts, hosts, leaf_validity, now).map_err(|reason| {
+                        CaError::Refused {
+                            path: cert.clone(),
+                            reason,
+                        }
+                    })?;
+                    ca
+                }
                 (false, false) => {
                     let ca = CertificateAuthority::generate(hosts, settings.validity, now)?;
                     write_atomically(
@@ -152,7 +178,8 @@ impl CertificateAuthority {
         ];
         params.name_constraints = name_constraints(hosts);
         params.serial_number = Some(random_serial());
-        let not_after = now + validity;
+        // Whole seconds, as the certificate holds it.
+        let not_after = whole_seconds(now + validity);
         params.not_before = (now - BACKDATE).into();
         params.not_after = not_after.into();
         let cert = params.self_signed(&key)?;
@@ -163,8 +190,12 @@ impl CertificateAuthority {
         })
     }
 
-    /// Loads a CA from PEM files.
-    pub(crate) fn load(key_path: &Path, cert_path: &Path) -> Result<CertificateAuthority, CaError> {
+    /// Loads a CA from PEM files; returns it with what [`check::usable`]
+    /// needs to know.
+    pub(crate) fn load(
+        key_path: &Path,
+        cert_path: &Path,
+    ) -> Result<(CertificateAuthority, check::CaFacts), CaError> {
         let read = |path: &Path| {
             fs::read_to_string(path).map_err(|reason| CaError::File {
                 action: "cannot read",
@@ -180,14 +211,20 @@ impl CertificateAuthority {
         };
         let key = KeyPair::from_pem(&key_pem)
             .map_err(|e| unusable(format!("the key cannot be read ({e})")))?;
-        let not_after = ca_not_after(&cert_pem).map_err(unusable)?;
+        let facts = check::read(&cert_pem).map_err(unusable)?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| unusable(format!("key and certificate do not match ({e})")))?;
-        Ok(CertificateAuthority {
+        let ca = CertificateAuthority {
             issuer: Redacted::new(issuer),
             cert_pem,
-            not_after,
-        })
+            not_after: facts.not_after,
+        };
+        Ok((ca, facts))
+    }
+
+    /// The end of the CA's validity, and so of every leaf it signs.
+    pub(crate) fn not_after(&self) -> SystemTime {
+        self.not_after
     }
 
     /// The CA certificate (PEM); at runtime only the written file is read.
@@ -197,9 +234,9 @@ impl CertificateAuthority {
     }
 
     /// Signs a leaf for `dns_names` and `ips`, valid for `validity` (never
-    /// beyond the CA's own end). CPU-bound (a key generation and a
-    /// signature, about a millisecond): async callers run it on the blocking
-    /// pool, as `sds::certs` does.
+    /// beyond the CA's own end; nothing once the CA expired). CPU-bound (a
+    /// key generation and a signature, about a millisecond): async callers
+    /// run it on the blocking pool, as `sds::certs` does.
     pub(crate) fn mint_leaf(
         &self,
         dns_names: &[&str],
@@ -207,6 +244,11 @@ impl CertificateAuthority {
         validity: Duration,
         now: SystemTime,
     ) -> Result<Leaf, CaError> {
+        if now >= self.not_after {
+            return Err(CaError::Expired(
+                humantime::format_rfc3339_seconds(self.not_after).to_string(),
+            ));
+        }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
@@ -236,21 +278,6 @@ impl CertificateAuthority {
     }
 }
 
-/// Checks that `pem` is a CA certificate and returns its end of validity.
-fn ca_not_after(pem: &str) -> Result<SystemTime, String> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| format!("the certificate is not PEM ({e})"))?;
-    let cert = pem
-        .parse_x509()
-        .map_err(|e| format!("the certificate cannot be read ({e})"))?;
-    if !cert.is_ca() {
-        return Err("the certificate is not a CA".into());
-    }
-    let secs = cert.validity().not_after.timestamp();
-    let secs = u64::try_from(secs).map_err(|_| "the certificate expired before 1970".to_owned())?;
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-}
-
 /// Name constraints limiting the CA to the intercepted hosts (DNS subtrees
 /// for names and suffixes, /32 or /128 for IPs). `None` when nothing is
 /// intercepted (no leaf is ever minted then).
@@ -271,6 +298,14 @@ fn name_constraints(hosts: &InterceptHosts) -> Option<NameConstraints> {
         permitted_subtrees,
         excluded_subtrees: Vec::new(),
     })
+}
+
+/// `t` without its fraction of a second.
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) => SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs()),
+        Err(_) => t,
+    }
 }
 
 fn random_serial() -> SerialNumber {
@@ -327,168 +362,4 @@ pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Resul
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hosts() -> InterceptHosts {
-        InterceptHosts::new(["localhost", "*.example.com", "127.0.0.1"]).unwrap()
-    }
-
-    #[test]
-    fn generated_ca_is_constrained_and_writes_only_the_certificate() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("ca.crt");
-        let settings = CaSettings {
-            destination: dest.clone(),
-            persisted: None,
-            validity: Duration::from_secs(86_400 * 365),
-        };
-        let ca = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap();
-        let written = fs::read_to_string(&dest).unwrap();
-        assert_eq!(written, ca.cert_pem());
-        assert_eq!(
-            fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
-            0o644
-        );
-        let files: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(files, ["ca.crt"], "no key or temporary file left behind");
-        assert!(!written.contains("PRIVATE KEY"));
-        let key_pem = ca.issuer.expose_secret().key().serialize_pem();
-        let shown = format!("{ca:?}");
-        assert!(shown.contains("[REDACTED]"), "{shown}");
-        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
-        let key_body = key_pem.lines().nth(1).unwrap();
-        assert!(!shown.contains(key_body), "{shown}");
-
-        let (_, pem) = x509_parser::pem::parse_x509_pem(written.as_bytes()).unwrap();
-        let cert = pem.parse_x509().unwrap();
-        let bc = cert.basic_constraints().unwrap().unwrap().value;
-        assert!(bc.ca);
-        assert_eq!(bc.path_len_constraint, Some(0));
-        let nc = cert.name_constraints().unwrap().unwrap().value;
-        let permitted = nc.permitted_subtrees.as_ref().unwrap();
-        assert_eq!(permitted.len(), 3);
-        let shown = format!("{permitted:?}");
-        assert!(
-            shown.contains("example.com") && shown.contains("localhost"),
-            "{shown}"
-        );
-    }
-
-    #[test]
-    fn leaves_carry_the_names_and_chain_to_the_ca() {
-        let now = SystemTime::now();
-        let ca = CertificateAuthority::generate(&hosts(), Duration::from_secs(3600), now).unwrap();
-        let leaf = ca
-            .mint_leaf(
-                &["a.example.com"],
-                &["127.0.0.1".parse().unwrap()],
-                Duration::from_secs(86_400),
-                now,
-            )
-            .unwrap();
-        assert!(leaf.chain_pem.ends_with(ca.cert_pem()));
-        assert!(leaf.key.expose_secret().contains("PRIVATE KEY"));
-        assert_eq!(format!("{:?}", leaf.key), "KeyPem([REDACTED])");
-        // Never valid beyond the CA.
-        assert_eq!(leaf.not_after, now + Duration::from_secs(3600));
-        let first = leaf
-            .chain_pem
-            .split("-----END CERTIFICATE-----")
-            .next()
-            .unwrap()
-            .to_owned()
-            + "-----END CERTIFICATE-----\n";
-        let (_, pem) = x509_parser::pem::parse_x509_pem(first.as_bytes()).unwrap();
-        let cert = pem.parse_x509().unwrap();
-        let sans = format!(
-            "{:?}",
-            cert.subject_alternative_name()
-                .unwrap()
-                .unwrap()
-                .value
-                .general_names
-        );
-        assert!(
-            sans.contains("a.example.com") && sans.contains("127, 0, 0, 1"),
-            "{sans}"
-        );
-        assert!(!cert.is_ca());
-    }
-
-    #[test]
-    fn persisted_ca_is_created_once_then_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("ca.key");
-        let cert = dir.path().join("ca.pem");
-        let settings = CaSettings {
-            destination: dir.path().join("ca.crt"),
-            persisted: Some((key.clone(), cert.clone())),
-            validity: Duration::from_secs(86_400),
-        };
-        let first = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap();
-        assert_eq!(
-            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        let second = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap();
-        assert_eq!(
-            first.cert_pem(),
-            second.cert_pem(),
-            "a restart keeps the CA"
-        );
-        // A leaf from the reloaded CA still chains to it.
-        let leaf = second
-            .mint_leaf(
-                &["localhost"],
-                &[],
-                Duration::from_secs(60),
-                SystemTime::now(),
-            )
-            .unwrap();
-        assert!(leaf.chain_pem.ends_with(first.cert_pem()));
-
-        fs::remove_file(&key).unwrap();
-        let err = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap_err();
-        assert!(err.to_string().contains("must both exist"), "{err}");
-        fs::write(&key, "garbage").unwrap();
-        let err = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap_err();
-        assert!(err.to_string().contains("unusable"), "{err}");
-    }
-
-    #[test]
-    fn atomic_writes_leave_no_temporary_file_and_replace_the_target() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ca.crt");
-        write_atomically(&path, b"first", 0o644).unwrap();
-        write_atomically(&path, b"second", 0o644).unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"second");
-        assert_eq!(
-            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o644
-        );
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, ["ca.crt"]);
-    }
-
-    #[test]
-    fn unwritable_destination_is_a_clear_error() {
-        let settings = CaSettings {
-            destination: PathBuf::from("/nonexistent-dir/ca.crt"),
-            persisted: None,
-            validity: Duration::from_secs(3600),
-        };
-        let err = CertificateAuthority::init(&settings, &hosts(), SystemTime::now()).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("cannot write /nonexistent-dir/ca.crt"),
-            "{err}"
-        );
-    }
-}
+mod tests;

@@ -260,7 +260,9 @@ pub struct Cli {
     /// Load the CA private key from this file (with --ca-cert-file); if
     /// neither file exists, a new CA is written there (key mode 0600), so
     /// restarts keep the CA. Without it the key lives in memory only and a
-    /// restart creates a new CA.
+    /// restart creates a new CA. A loaded CA that expired, ends sooner than
+    /// --certificate-validity from now, or whose name constraints do not
+    /// permit every --intercept-host stops the start (exit code 64).
     #[arg(
         long,
         env = "KUBE_AUDIENCE_PROXY_CA_KEY_FILE",
@@ -300,7 +302,8 @@ pub struct Cli {
     pub certificate_validity: Duration,
 
     /// Most leaf certificates (host names) held at once; names beyond it
-    /// are refused.
+    /// are refused. Every SDS path counts, and names that differ only in
+    /// case or a trailing dot count once.
     #[arg(
         long,
         env = "KUBE_AUDIENCE_PROXY_MAX_CERTIFICATES",

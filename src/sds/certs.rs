@@ -5,14 +5,26 @@
 //! [`NO_SNI_SECRET`] for a client that sent none; that one is answered with a
 //! certificate whose SANs are the intercepted IP addresses.
 //!
+//! Names are normalised before they become a cache key or take a slot: a
+//! DNS name in lower case without its trailing dot, an IP address in its
+//! canonical form. `A.Example.com.` and `a.example.com` share one leaf and
+//! one `--max-certificates` slot; each is still answered under the exact
+//! name it was asked for (Envoy matches a secret by that name).
+//!
+//! Every SDS path goes through a [`Slot`]: a leaf is only minted or served
+//! for a name that holds one, so delta, state-of-the-world and fetch all
+//! count against `--max-certificates`.
+//!
 //! Minting (key generation and signing) is CPU work of about a millisecond:
 //! it runs on tokio's blocking pool, never on the async runtime, whose one
 //! worker thread (`--worker-threads 1`) also answers every ext_proc stream.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
@@ -35,6 +47,12 @@ use crate::secret::Redacted;
 /// as a client without SNI: one for the intercepted IPs only.
 pub(crate) const NO_SNI_SECRET: &str = "_kube-audience-proxy-no-sni";
 
+/// The soonest a leaf is re-minted after it was minted. Rotation happens
+/// after two thirds of a leaf's life; a leaf cut short by a CA near its end
+/// (a leaf never outlives its CA) would otherwise be re-minted and pushed
+/// ever sooner, and without pause once the CA has expired.
+pub(crate) const MIN_ROTATION: Duration = Duration::from_secs(60);
+
 /// Why a name is not minted. Refusals are counted and logged (names are not
 /// secret), never signed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -56,33 +74,43 @@ pub(crate) enum Refusal {
     Mint(String),
 }
 
-/// A minted secret, ready to send. The encoded `Secret` holds the private
-/// key, so it is [`Redacted`] and the derived `Debug` never shows it.
+/// A minted leaf, shared by every name that normalises to `key`. The
+/// certificate holds the private key, so it is [`Redacted`] and the derived
+/// `Debug` never shows it.
 #[derive(Debug)]
 pub(crate) struct Minted {
-    /// The SNI, or [`NO_SNI_SECRET`].
-    pub name: String,
     /// Version (changes with every mint).
     pub version: String,
-    /// When to mint a successor and push it (2/3 of the validity).
+    /// When to mint a successor and push it: two thirds of the validity,
+    /// at least [`MIN_ROTATION`] from the mint.
     pub rotate_at: Instant,
-    secret: Redacted<Any>,
+    tls: Redacted<TlsCertificate>,
 }
 
 impl Minted {
-    /// As a delta xDS resource.
-    pub(crate) fn resource(&self) -> Resource {
+    /// As a delta xDS resource named `name` (the name as requested).
+    pub(crate) fn resource(&self, name: &str) -> Resource {
         Resource {
-            name: self.name.clone(),
+            name: name.to_owned(),
             version: self.version.clone(),
-            resource: Some(self.any()),
+            resource: Some(self.any(name)),
             ..Default::default()
         }
     }
 
-    /// As a state-of-the-world resource.
-    pub(crate) fn any(&self) -> Any {
-        self.secret.expose_secret().clone()
+    /// As a `Secret` named `name` (the name as requested: Envoy refuses a
+    /// secret whose name is not the one it subscribed to).
+    pub(crate) fn any(&self, name: &str) -> Any {
+        let secret = Secret {
+            name: name.to_owned(),
+            r#type: Some(secret::Type::TlsCertificate(
+                self.tls.expose_secret().clone(),
+            )),
+        };
+        Any {
+            type_url: Secret::type_url(),
+            value: secret.encode_to_vec(),
+        }
     }
 }
 
@@ -108,7 +136,13 @@ pub(crate) struct Certificates {
     cache: moka::future::Cache<String, Arc<Minted>>,
     validity: Duration,
     max_names: usize,
-    held: AtomicUsize,
+    /// Normalised names held, with the number of slots on each.
+    held: Mutex<HashMap<String, usize>>,
+    /// Names whose last slot was released, to drop from the cache before
+    /// the next mint: the cache then only holds leaves of held names, so it
+    /// never reaches its bound and never evicts (or refuses to admit) a
+    /// held name's leaf, which would split one name over several leaves.
+    released: Mutex<Vec<String>>,
     versions: AtomicU64,
     /// Bounds the signing tasks in flight (see [`signers`]).
     signers: Arc<Semaphore>,
@@ -126,20 +160,59 @@ fn signers() -> usize {
     std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
 }
 
-/// One subscription slot (see [`Certificates::hold`]); released on drop.
+/// A normalised secret name and the SANs of its leaf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LeafName {
+    /// Lower-case DNS name without the trailing dot, canonical IP address,
+    /// or [`NO_SNI_SECRET`].
+    key: String,
+    dns: Option<String>,
+    ips: Vec<IpAddr>,
+}
+
+/// A name held against `--max-certificates` (see [`Certificates::hold`]);
+/// released on drop. Every slot on one normalised name counts once.
 pub(crate) struct Slot<'a> {
     certs: &'a Certificates,
+    leaf: LeafName,
+}
+
+impl Slot<'_> {
+    /// The normalised name this slot holds.
+    #[cfg(test)]
+    pub(crate) fn key(&self) -> &str {
+        &self.leaf.key
+    }
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.certs.held.fetch_sub(1, Ordering::AcqRel);
+        let mut held = self.certs.lock_held();
+        if let Entry::Occupied(mut entry) = held.entry(self.leaf.key.clone()) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                let (key, _) = entry.remove_entry();
+                drop(held);
+                self.certs
+                    .released
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(key);
+            }
+        }
     }
 }
 
+/// Seconds after the mint at which a leaf living `lifetime` is rotated:
+/// two thirds of its life, never less than [`MIN_ROTATION`].
+pub(crate) fn rotation_delay(lifetime: Duration) -> Duration {
+    lifetime.mul_f64(2.0 / 3.0).max(MIN_ROTATION)
+}
+
 impl Certificates {
-    /// A store minting from `ca` for `hosts`; at most `max_names` names are
-    /// cached or subscribed at once; leaves live `validity`.
+    /// A store minting from `ca` for `hosts`; at most `max_names`
+    /// (normalised) names are held at once; leaves live `validity`, or less
+    /// when the CA ends sooner.
     pub(crate) fn new(
         ca: CertificateAuthority,
         hosts: InterceptHosts,
@@ -154,7 +227,8 @@ impl Certificates {
                 .build(),
             validity,
             max_names,
-            held: AtomicUsize::new(0),
+            held: Mutex::new(HashMap::new()),
+            released: Mutex::new(Vec::new()),
             versions: AtomicU64::new(0),
             signers: Arc::new(Semaphore::new(signers())),
             counters: Counters::default(),
@@ -163,29 +237,37 @@ impl Certificates {
         }
     }
 
-    /// Reserves one of the `--max-certificates` subscription slots.
-    pub(crate) fn hold(&self) -> Result<Slot<'_>, Refusal> {
-        let mut held = self.held.load(Ordering::Acquire);
-        loop {
-            if held >= self.max_names {
-                return Err(Refusal::TooMany);
-            }
-            match self
-                .held
-                .compare_exchange(held, held + 1, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return Ok(Slot { certs: self }),
-                Err(now) => held = now,
-            }
-        }
+    /// The held names. A panic elsewhere while holding the lock cannot
+    /// leave the map half-updated (every update is one step), so a
+    /// poisoned lock is used as is.
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether `name` may be minted (without minting it); a refusal is
-    /// counted and logged.
-    pub(crate) fn check(&self, name: &str) -> Result<(), Refusal> {
-        self.leaf_names(name)
-            .map(|_| ())
-            .inspect_err(|refusal| self.refused(name, refusal))
+    /// Holds `name` against `--max-certificates`: a name whose normalised
+    /// form is held already shares its slot; a new one needs a free slot.
+    /// Refuses names that may not be minted. Refusals are counted and
+    /// logged.
+    pub(crate) fn hold(&self, name: &str) -> Result<Slot<'_>, Refusal> {
+        let result = self.hold_inner(name);
+        if let Err(refusal) = &result {
+            self.refused(name, refusal);
+        }
+        result
+    }
+
+    fn hold_inner(&self, name: &str) -> Result<Slot<'_>, Refusal> {
+        let leaf = self.leaf_name(name)?;
+        let mut held = self.lock_held();
+        let names = held.len();
+        match held.entry(leaf.key.clone()) {
+            Entry::Occupied(mut entry) => *entry.get_mut() += 1,
+            Entry::Vacant(entry) if names < self.max_names => {
+                entry.insert(1);
+            }
+            Entry::Vacant(_) => return Err(Refusal::TooMany),
+        }
+        Ok(Slot { certs: self, leaf })
     }
 
     /// Counts and logs a refusal.
@@ -194,64 +276,87 @@ impl Certificates {
         tracing::info!(name, %refusal, "refused a certificate");
     }
 
-    /// The current secret for `name`, minted if absent or due for rotation.
-    /// Concurrent requests for one name share one mint.
-    pub(crate) async fn get(&self, name: &str) -> Result<Arc<Minted>, Refusal> {
-        let result = self.get_inner(name).await;
+    /// The current leaf for the name `slot` holds, minted if absent or due
+    /// for rotation. Concurrent requests for one name share one mint.
+    pub(crate) async fn get(&self, slot: &Slot<'_>) -> Result<Arc<Minted>, Refusal> {
+        let result = self.get_inner(&slot.leaf).await;
         if let Err(refusal) = &result {
-            self.refused(name, refusal);
+            self.refused(&slot.leaf.key, refusal);
         }
         result
     }
 
-    async fn get_inner(&self, name: &str) -> Result<Arc<Minted>, Refusal> {
-        let (dns, ips) = self.leaf_names(name)?;
-        if let Some(minted) = self.cache.get(name).await {
+    async fn get_inner(&self, leaf: &LeafName) -> Result<Arc<Minted>, Refusal> {
+        self.forget_released().await;
+        let key = leaf.key.as_str();
+        if let Some(minted) = self.cache.get(key).await {
             if Instant::now() < minted.rotate_at {
                 return Ok(minted);
             }
-            crate::moka_ext::remove_if_same(&self.cache, name, &minted).await;
+            crate::moka_ext::remove_if_same(&self.cache, key, &minted).await;
         }
         self.cache
-            .try_get_with_by_ref(name, async {
-                let minted = self.mint(name, dns, ips).await?;
+            .try_get_with_by_ref(key, async {
+                let minted = self.mint(leaf.clone()).await?;
                 self.counters.minted.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(name, version = %minted.version, "minted a leaf certificate");
+                tracing::debug!(name = key, version = %minted.version, "minted a leaf certificate");
                 Ok::<_, Refusal>(Arc::new(minted))
             })
             .await
             .map_err(|e| (*e).clone())
     }
 
-    /// The DNS name and IP SANs a leaf for `name` carries.
-    fn leaf_names(&self, name: &str) -> Result<(Option<String>, Vec<IpAddr>), Refusal> {
+    /// Drops the cached leaves of names no longer held. A name held again
+    /// since is kept (or, in a race, dropped and minted anew: harmless).
+    async fn forget_released(&self) {
+        let released =
+            std::mem::take(&mut *self.released.lock().unwrap_or_else(PoisonError::into_inner));
+        for key in released {
+            if !self.lock_held().contains_key(&key) {
+                self.cache.invalidate(&key).await;
+            }
+        }
+    }
+
+    /// The normalised name and SANs of the leaf for `name`, if it may be
+    /// minted.
+    fn leaf_name(&self, name: &str) -> Result<LeafName, Refusal> {
         if name == NO_SNI_SECRET {
             let ips = self.hosts.ips();
-            return if ips.is_empty() {
-                Err(Refusal::NoSniNoIps)
-            } else {
-                Ok((None, ips))
-            };
+            if ips.is_empty() {
+                return Err(Refusal::NoSniNoIps);
+            }
+            return Ok(LeafName {
+                key: NO_SNI_SECRET.to_owned(),
+                dns: None,
+                ips,
+            });
         }
         let host = Host::parse(name).ok_or(Refusal::InvalidName)?;
         if !self.hosts.matches(&host) {
             return Err(Refusal::NotIntercepted);
         }
-        match host {
-            Host::Name(dns) => Ok((Some(dns.to_ascii_lowercase()), Vec::new())),
-            Host::Ip(ip) => Ok((None, vec![ip])),
-        }
+        Ok(match host {
+            Host::Name(dns) => {
+                let dns = dns.to_ascii_lowercase();
+                LeafName {
+                    key: dns.clone(),
+                    dns: Some(dns),
+                    ips: Vec::new(),
+                }
+            }
+            Host::Ip(ip) => LeafName {
+                key: ip.to_string(),
+                dns: None,
+                ips: vec![ip],
+            },
+        })
     }
 
-    /// Signs a leaf for `dns`/`ips` on the blocking pool and wraps it as the
-    /// secret `name`. The caller (one per name, see [`Certificates::get`])
-    /// waits without holding the runtime's worker.
-    async fn mint(
-        &self,
-        name: &str,
-        dns: Option<String>,
-        ips: Vec<IpAddr>,
-    ) -> Result<Minted, Refusal> {
+    /// Signs a leaf for `leaf` on the blocking pool. The caller (one per
+    /// name, see [`Certificates::get`]) waits without holding the runtime's
+    /// worker.
+    async fn mint(&self, leaf: LeafName) -> Result<Minted, Refusal> {
         // The permit moves into the task: a caller that goes away (its
         // stream closed) leaves its signing task running, and holding the
         // permit there keeps such orphans counted, so callers that retry
@@ -264,19 +369,21 @@ impl Certificates {
             .map_err(|_| Refusal::Mint("the signing pool is closed".into()))?;
         let ca = self.ca.clone();
         let validity = self.validity;
-        let secret_name = name.to_owned();
+        let LeafName { key, dns, ips } = leaf;
         #[cfg(test)]
         let before_sign = self.before_sign.clone();
+        #[cfg(test)]
+        let hook_name = key.clone();
         let signed = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             #[cfg(test)]
             if let Some(hook) = before_sign {
-                hook(&secret_name);
+                hook(&hook_name);
             }
-            sign(&ca, &secret_name, dns.as_deref(), &ips, validity)
+            sign(&ca, dns.as_deref(), &ips, validity)
         })
         .await;
-        let (secret, not_after) = match signed {
+        let (tls, not_after) = match signed {
             Ok(signed) => signed?,
             // The reason only: a panic's message is not ours to repeat.
             Err(join) if join.is_panic() => {
@@ -284,46 +391,43 @@ impl Certificates {
             }
             Err(_) => return Err(Refusal::Mint("the signing task was cancelled".into())),
         };
-        let lifetime = not_after
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
+        let now = SystemTime::now();
+        let lifetime = not_after.duration_since(now).unwrap_or(Duration::ZERO);
+        if not_after >= self.ca.not_after() {
+            tracing::warn!(
+                name = %key,
+                ca_expires = %humantime::format_rfc3339_seconds(self.ca.not_after()),
+                lifetime = %humantime::format_duration(Duration::from_secs(lifetime.as_secs())),
+                "the interception CA ends before --certificate-validity: leaves end with it; replace the CA"
+            );
+        }
         let version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(Minted {
-            name: name.to_owned(),
             version: version.to_string(),
-            rotate_at: Instant::now() + lifetime.mul_f64(2.0 / 3.0),
-            secret: Redacted::new(secret),
+            rotate_at: Instant::now() + rotation_delay(lifetime),
+            tls: Redacted::new(tls),
         })
     }
 }
 
-/// Blocking: generates a leaf key, signs the leaf and encodes the `Secret`
-/// named `name` that carries both. Returns it with the leaf's end of
-/// validity.
+/// Blocking: generates a leaf key and signs the leaf. Returns the chain and
+/// key as Envoy takes them, with the leaf's end of validity.
 fn sign(
     ca: &CertificateAuthority,
-    name: &str,
     dns: Option<&str>,
     ips: &[IpAddr],
     validity: Duration,
-) -> Result<(Any, SystemTime), Refusal> {
+) -> Result<(TlsCertificate, SystemTime), Refusal> {
     let dns: Vec<&str> = dns.into_iter().collect();
     let leaf = ca
         .mint_leaf(&dns, ips, validity, SystemTime::now())
         .map_err(|e| Refusal::Mint(e.to_string()))?;
-    let secret = Secret {
-        name: name.to_owned(),
-        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: Some(inline(leaf.chain_pem.into_bytes())),
-            private_key: Some(inline(leaf.key.expose_secret().as_bytes().to_vec())),
-            ..Default::default()
-        })),
+    let tls = TlsCertificate {
+        certificate_chain: Some(inline(leaf.chain_pem.into_bytes())),
+        private_key: Some(inline(leaf.key.expose_secret().as_bytes().to_vec())),
+        ..Default::default()
     };
-    let any = Any {
-        type_url: Secret::type_url(),
-        value: secret.encode_to_vec(),
-    };
-    Ok((any, leaf.not_after))
+    Ok((tls, leaf.not_after))
 }
 
 fn inline(bytes: Vec<u8>) -> DataSource {
@@ -344,191 +448,15 @@ pub(crate) fn test_store(max: usize) -> Certificates {
     Certificates::new(ca, hosts, Duration::from_secs(86_400), max)
 }
 
+/// A store like [`test_store`] whose CA ends at `ca_end` (soon, or in the
+/// past), for the tests of a CA near its end.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    use super::test_store as store;
-    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
-
-    #[tokio::test]
-    async fn mints_only_intercepted_names_and_caches_them() {
-        let certs = store(10);
-        let a = certs.get("a.example.com").await.unwrap();
-        let again = certs.get("A.Example.com").await;
-        assert!(again.is_ok());
-        assert!(Arc::ptr_eq(&a, &certs.get("a.example.com").await.unwrap()));
-        assert_eq!(
-            certs.counters.minted.load(Ordering::Relaxed),
-            2,
-            "names are cached as given"
-        );
-        assert!(certs.get("127.0.0.1").await.is_ok());
-        assert!(certs.get(NO_SNI_SECRET).await.is_ok());
-        for (name, refusal) in [
-            ("example.com", Refusal::NotIntercepted),
-            ("evil.test", Refusal::NotIntercepted),
-            ("10.0.0.1", Refusal::NotIntercepted),
-            ("not a name", Refusal::InvalidName),
-        ] {
-            assert_eq!(certs.get(name).await.unwrap_err(), refusal, "{name}");
-        }
-        assert_eq!(certs.counters.refused.load(Ordering::Relaxed), 4);
-
-        // Debug shows the name, never the key: neither the PEM text nor the
-        // encoded secret's bytes.
-        let shown = format!("{a:?}");
-        assert!(shown.contains("a.example.com"), "{shown}");
-        let secret = Secret::decode(a.any().value.as_slice()).unwrap();
-        let Some(secret::Type::TlsCertificate(tls)) = secret.r#type else {
-            panic!("not a TLS certificate")
-        };
-        let Some(Specifier::InlineBytes(key)) = tls.private_key.unwrap().specifier else {
-            panic!("no inline key")
-        };
-        let key = String::from_utf8(key).unwrap();
-        assert!(key.contains("PRIVATE KEY"));
-        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
-        assert!(!shown.contains(key.lines().nth(1).unwrap()), "{shown}");
-        let value = format!("{:?}", a.any().value);
-        assert!(!shown.contains(&value[1..40]), "{shown}");
-    }
-
-    /// A hook that reports the signing thread once, then holds the signer
-    /// until released (bounded, so a broken build fails rather than hangs).
-    fn held_signer() -> (
-        SignHook,
-        tokio::sync::oneshot::Receiver<std::thread::ThreadId>,
-        std::sync::mpsc::Sender<()>,
-    ) {
-        let (entered_tx, entered_rx) = tokio::sync::oneshot::channel();
-        let entered_tx = std::sync::Mutex::new(Some(entered_tx));
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let release_rx = std::sync::Mutex::new(release_rx);
-        let hook: SignHook = Arc::new(move |_name| {
-            if let Some(tx) = entered_tx.lock().unwrap().take() {
-                let _ = tx.send(std::thread::current().id());
-            }
-            let _ = release_rx
-                .lock()
-                .unwrap()
-                .recv_timeout(Duration::from_secs(10));
-        });
-        (hook, entered_rx, release_tx)
-    }
-
-    const DEADLINE: Duration = Duration::from_secs(10);
-
-    // A current-thread runtime: the test's own thread is the only worker, so
-    // a mint that ran on the runtime would block everything below.
-    #[tokio::test(flavor = "current_thread")]
-    async fn signing_runs_off_the_runtime_and_is_shared_per_name() {
-        let mut certs = store(10);
-        let (hook, entered, release) = held_signer();
-        certs.before_sign = Some(hook);
-        let certs = Arc::new(certs);
-        let runtime_thread = std::thread::current().id();
-
-        let first = tokio::spawn({
-            let certs = certs.clone();
-            async move { certs.get("a.example.com").await }
-        });
-        let signer_thread = tokio::time::timeout(DEADLINE, entered)
-            .await
-            .expect("signing started")
-            .unwrap();
-        assert_ne!(signer_thread, runtime_thread, "signing is off the runtime");
-
-        // While the signer is held: a second caller for the same name joins
-        // the mint in flight, and the runtime still runs other work (a name
-        // refused without signing, another task).
-        let second = tokio::spawn({
-            let certs = certs.clone();
-            async move { certs.get("a.example.com").await }
-        });
-        assert_eq!(
-            tokio::time::timeout(DEADLINE, certs.get("evil.test"))
-                .await
-                .expect("the runtime answers while a mint is held")
-                .unwrap_err(),
-            Refusal::NotIntercepted
-        );
-        let other = tokio::spawn(async { "answered" });
-        assert_eq!(
-            tokio::time::timeout(DEADLINE, other)
-                .await
-                .expect("other tasks run while a mint is held")
-                .unwrap(),
-            "answered"
-        );
-        assert!(!first.is_finished());
-
-        release.send(()).unwrap();
-        let first = tokio::time::timeout(DEADLINE, first)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let second = tokio::time::timeout(DEADLINE, second)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert!(Arc::ptr_eq(&first, &second));
-        assert_eq!(certs.counters.minted.load(Ordering::Relaxed), 1);
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_panicking_signer_is_a_refusal() {
-        let mut certs = store(10);
-        certs.signers = Arc::new(Semaphore::new(1));
-        certs.before_sign = Some(Arc::new(|name| {
-            assert_ne!(name, "boom.example.com", "a deliberate signing panic");
-        }));
-        assert_eq!(
-            certs.get("boom.example.com").await.unwrap_err(),
-            Refusal::Mint("the signing task panicked".into())
-        );
-        assert_eq!(certs.counters.refused.load(Ordering::Relaxed), 1);
-        // The one signing permit came back, and the failure was not cached.
-        assert!(certs.get("ok.example.com").await.is_ok());
-        certs.before_sign = None;
-        assert!(certs.get("boom.example.com").await.is_ok());
-        assert_eq!(certs.counters.minted.load(Ordering::Relaxed), 2);
-    }
-
-    #[tokio::test]
-    async fn sni_less_secret_needs_an_ip() {
-        let hosts = InterceptHosts::new(["localhost"]).unwrap();
-        let ca =
-            CertificateAuthority::generate(&hosts, Duration::from_secs(3600), SystemTime::now())
-                .unwrap();
-        let certs = Certificates::new(ca, hosts, Duration::from_secs(600), 10);
-        assert_eq!(
-            certs.get(NO_SNI_SECRET).await.unwrap_err(),
-            Refusal::NoSniNoIps
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn rotates_after_two_thirds_of_the_validity() {
-        let certs = store(10);
-        let first = certs.get("localhost").await.unwrap();
-        tokio::time::advance(Duration::from_secs(86_400 * 2 / 3 - 60)).await;
-        assert_eq!(certs.get("localhost").await.unwrap().version, first.version);
-        tokio::time::advance(Duration::from_secs(120)).await;
-        let second = certs.get("localhost").await.unwrap();
-        assert_ne!(second.version, first.version);
-        assert!(second.rotate_at > first.rotate_at);
-    }
-
-    #[tokio::test]
-    async fn slots_are_bounded_and_released() {
-        let certs = store(2);
-        let a = certs.hold().unwrap();
-        let _b = certs.hold().unwrap();
-        assert_eq!(certs.hold().err(), Some(Refusal::TooMany));
-        drop(a);
-        assert!(certs.hold().is_ok());
-    }
+pub(crate) fn ending_store(max: usize, ca_end: SystemTime) -> Certificates {
+    let hosts = InterceptHosts::new(["localhost", "*.example.com", "127.0.0.1"]).unwrap();
+    let validity = Duration::from_secs(86_400);
+    let ca = CertificateAuthority::generate(&hosts, validity, ca_end - validity).unwrap();
+    Certificates::new(ca, hosts, validity, max)
 }
+
+#[cfg(test)]
+mod tests;

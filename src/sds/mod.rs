@@ -10,11 +10,17 @@
 //! - `StreamSecrets` (state of the world) and `FetchSecrets` answer the
 //!   names that may be minted; SotW has no way to refuse a name.
 //!
+//! Every path holds a `--max-certificates` slot per name it serves (a
+//! stream for as long as the name is subscribed, a fetch for the call), and
+//! case variants of one name share it (see [`certs`]). Each secret is sent
+//! under the exact name it was asked for.
+//!
 //! ACK/NACK: every response carries a nonce; Envoy's next request echoes it,
 //! with `error_detail` set for a NACK. A NACK is logged; the same resource
 //! is not sent again until it changes (no resend loops).
 
 pub(crate) mod certs;
+mod sotw;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -112,15 +118,30 @@ fn note_ack(nonce: &str, error: Option<&envoy_types::pb::google::rpc::Status>) {
 
 // === impl Delta ===
 
-/// One delta stream: subscribed names with the version sent and when it must
-/// be rotated, each holding one `--max-certificates` slot.
+/// One delta stream: subscribed names (as requested) with the version sent
+/// and when it must be rotated, each holding a `--max-certificates` slot.
 struct DeltaStream<'a> {
     certs: &'a Certificates,
-    subscribed: HashMap<String, (String, Instant, certs::Slot<'a>)>,
+    subscribed: HashMap<String, Subscribed<'a>>,
     nonce: u64,
 }
 
+/// One subscribed name.
+struct Subscribed<'a> {
+    version: String,
+    rotate_at: Instant,
+    slot: certs::Slot<'a>,
+}
+
 impl<'a> DeltaStream<'a> {
+    fn new(certs: &'a Certificates) -> DeltaStream<'a> {
+        DeltaStream {
+            certs,
+            subscribed: HashMap::new(),
+            nonce: 0,
+        }
+    }
+
     fn next_nonce(&mut self) -> String {
         self.nonce += 1;
         self.nonce.to_string()
@@ -165,21 +186,21 @@ impl<'a> DeltaStream<'a> {
         &mut self,
         name: &str,
     ) -> Result<envoy_types::pb::envoy::service::discovery::v3::Resource, certs::Refusal> {
-        self.certs.check(name)?;
-        let slot = self
-            .certs
-            .hold()
-            .inspect_err(|refusal| self.certs.refused(name, refusal))?;
-        let minted = self.certs.get(name).await?;
+        let slot = self.certs.hold(name)?;
+        let minted = self.certs.get(&slot).await?;
         self.subscribed.insert(
             name.to_owned(),
-            (minted.version.clone(), minted.rotate_at, slot),
+            Subscribed {
+                version: minted.version.clone(),
+                rotate_at: minted.rotate_at,
+                slot,
+            },
         );
-        Ok(minted.resource())
+        Ok(minted.resource(name))
     }
 
     fn next_rotation(&self) -> Option<Instant> {
-        self.subscribed.values().map(|(_, at, _)| *at).min()
+        self.subscribed.values().map(|s| s.rotate_at).min()
     }
 
     /// Re-mints every secret due and returns the push, if any.
@@ -188,7 +209,7 @@ impl<'a> DeltaStream<'a> {
         let due: Vec<String> = self
             .subscribed
             .iter()
-            .filter(|(_, (_, at, _))| *at <= now)
+            .filter(|(_, s)| s.rotate_at <= now)
             .map(|(name, _)| name.clone())
             .collect();
         let mut response = DeltaDiscoveryResponse {
@@ -196,15 +217,19 @@ impl<'a> DeltaStream<'a> {
             ..Default::default()
         };
         for name in due {
-            match self.certs.get(&name).await {
-                Ok(minted) => {
-                    if let Some(entry) = self.subscribed.get_mut(&name) {
-                        entry.0 = minted.version.clone();
-                        entry.1 = minted.rotate_at;
-                    }
-                    response.resources.push(minted.resource());
+            let minted = match self.subscribed.get(&name) {
+                Some(subscribed) => self.certs.get(&subscribed.slot).await,
+                None => continue,
+            };
+            match (minted, self.subscribed.get_mut(&name)) {
+                (Ok(minted), Some(subscribed)) => {
+                    subscribed.version.clone_from(&minted.version);
+                    subscribed.rotate_at = minted.rotate_at;
+                    response.resources.push(minted.resource(&name));
                 }
-                Err(_) => {
+                // No successor (the CA expired): the name is dropped, and
+                // Envoy fails its handshakes rather than serve a dead leaf.
+                _ => {
                     self.subscribed.remove(&name);
                     response.removed_resources.push(name);
                 }
@@ -223,11 +248,7 @@ async fn serve_delta(
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 ) {
-    let mut stream = DeltaStream {
-        certs: &certs,
-        subscribed: HashMap::new(),
-        nonce: 0,
-    };
+    let mut stream = DeltaStream::new(&certs);
     loop {
         let rotation = stream.next_rotation();
         let response = tokio::select! {
@@ -269,64 +290,6 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-// === impl state of the world ===
-
-async fn serve_sotw(
-    StreamEnv { certs, mut closing }: StreamEnv,
-    mut inbound: Streaming<DiscoveryRequest>,
-    out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-) {
-    let mut names: Vec<String> = Vec::new();
-    let mut nonce = 0u64;
-    let mut rotation: Option<Instant> = None;
-    loop {
-        let send = tokio::select! {
-            message = inbound.message() => match message {
-                Ok(Some(request)) => {
-                    if let Err(status) = check_type(&request.type_url) {
-                        let _ = out.send(Err(status)).await;
-                        return;
-                    }
-                    note_ack(&request.response_nonce, request.error_detail.as_ref());
-                    let mut requested = request.resource_names;
-                    requested.sort();
-                    requested.dedup();
-                    // An ACK/NACK of the current set needs no answer.
-                    let changed = requested != names;
-                    names = requested;
-                    changed || request.response_nonce.is_empty()
-                }
-                Ok(None) | Err(_) => return,
-            },
-            () = sleep_until(rotation) => true,
-            () = closed(&mut closing) => return,
-        };
-        if !send {
-            continue;
-        }
-        let mut resources = Vec::new();
-        rotation = None;
-        for name in &names {
-            if let Ok(minted) = certs.get(name).await {
-                rotation =
-                    Some(rotation.map_or(minted.rotate_at, |r: Instant| r.min(minted.rotate_at)));
-                resources.push(minted.any());
-            }
-        }
-        nonce += 1;
-        let response = DiscoveryResponse {
-            version_info: nonce.to_string(),
-            resources,
-            type_url: Secret::type_url(),
-            nonce: nonce.to_string(),
-            ..Default::default()
-        };
-        if out.send(Ok(response)).await.is_err() {
-            return;
-        }
-    }
-}
-
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -347,21 +310,29 @@ impl SecretDiscoveryService for Sds {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let inbound = request.into_inner();
-        Ok(self.spawn(|env, out| serve_sotw(env, inbound, out)))
+        Ok(self.spawn(|env, out| sotw::serve_sotw(env, inbound, out)))
     }
 
     async fn fetch_secrets(
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let request = request.into_inner();
+        let mut request = request.into_inner();
         check_type(&request.type_url)?;
+        request.resource_names.sort();
+        request.resource_names.dedup();
+        // Slots for the call's duration: a fetch counts like a stream.
+        let slots: Vec<(&String, certs::Slot<'_>)> = request
+            .resource_names
+            .iter()
+            .filter_map(|name| Some((name, self.certs.hold(name).ok()?)))
+            .collect();
         let mut resources = Vec::new();
         let mut version = Vec::new();
-        for name in &request.resource_names {
-            if let Ok(minted) = self.certs.get(name).await {
+        for (name, slot) in &slots {
+            if let Ok(minted) = self.certs.get(slot).await {
                 version.push(minted.version.clone());
-                resources.push(minted.any());
+                resources.push(minted.any(name));
             }
         }
         Ok(Response::new(DiscoveryResponse {
@@ -375,138 +346,4 @@ impl SecretDiscoveryService for Sds {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    use super::certs::test_store as store;
-
-    fn subscribe(names: &[&str]) -> DeltaDiscoveryRequest {
-        DeltaDiscoveryRequest {
-            type_url: Secret::type_url(),
-            resource_names_subscribe: names.iter().map(|n| (*n).to_owned()).collect(),
-            ..Default::default()
-        }
-    }
-
-    fn names(response: &DeltaDiscoveryResponse) -> (Vec<&str>, Vec<&str>) {
-        (
-            response.resources.iter().map(|r| r.name.as_str()).collect(),
-            response
-                .removed_resources
-                .iter()
-                .map(String::as_str)
-                .collect(),
-        )
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn delta_serves_refuses_bounds_and_rotates() {
-        let certs = store(2);
-        let mut stream = DeltaStream {
-            certs: &certs,
-            subscribed: HashMap::new(),
-            nonce: 0,
-        };
-        let first = stream
-            .on_request(subscribe(&["localhost", "evil.test"]))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(names(&first), (vec!["localhost"], vec!["evil.test"]));
-        assert_eq!(first.nonce, "1");
-        assert_eq!(first.type_url, Secret::type_url());
-        let version = first.resources[0].version.clone();
-
-        // An ACK (or a NACK) of that answer, and a repeated subscription,
-        // need no answer.
-        let ack = DeltaDiscoveryRequest {
-            type_url: Secret::type_url(),
-            response_nonce: "1".into(),
-            ..Default::default()
-        };
-        assert!(stream.on_request(ack).await.unwrap().is_none());
-        assert!(
-            stream
-                .on_request(subscribe(&["localhost"]))
-                .await
-                .unwrap()
-                .is_none()
-        );
-
-        // Two names at most; unsubscribing frees a slot.
-        let second = stream
-            .on_request(subscribe(&["a.example.com", "b.example.com"]))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            names(&second),
-            (vec!["a.example.com"], vec!["b.example.com"])
-        );
-        let unsubscribe = DeltaDiscoveryRequest {
-            type_url: Secret::type_url(),
-            resource_names_unsubscribe: vec!["a.example.com".into()],
-            ..Default::default()
-        };
-        assert!(stream.on_request(unsubscribe).await.unwrap().is_none());
-        let third = stream
-            .on_request(subscribe(&["b.example.com"]))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(names(&third), (vec!["b.example.com"], vec![]));
-
-        // Nothing to rotate yet; after two thirds of the validity, every
-        // subscribed secret is re-minted and pushed with a new version.
-        assert!(stream.rotate().await.is_none());
-        let due = stream.next_rotation().unwrap();
-        tokio::time::advance(Duration::from_secs(16 * 3600 + 1)).await;
-        assert!(Instant::now() >= due);
-        let pushed = stream.rotate().await.unwrap();
-        let mut pushed_names = names(&pushed).0;
-        pushed_names.sort();
-        assert_eq!(pushed_names, ["b.example.com", "localhost"]);
-        let localhost = pushed
-            .resources
-            .iter()
-            .find(|r| r.name == "localhost")
-            .unwrap();
-        assert_ne!(localhost.version, version);
-        assert!(stream.rotate().await.is_none());
-    }
-
-    #[tokio::test]
-    async fn reconnects_resubscribe_through_initial_versions() {
-        let certs = store(4);
-        let mut stream = DeltaStream {
-            certs: &certs,
-            subscribed: HashMap::new(),
-            nonce: 0,
-        };
-        let request = DeltaDiscoveryRequest {
-            type_url: Secret::type_url(),
-            initial_resource_versions: [("localhost".to_owned(), "7".to_owned())].into(),
-            ..Default::default()
-        };
-        let response = stream.on_request(request).await.unwrap().unwrap();
-        assert_eq!(names(&response).0, ["localhost"]);
-    }
-
-    #[tokio::test]
-    async fn other_resource_types_are_an_error() {
-        let certs = store(4);
-        let mut stream = DeltaStream {
-            certs: &certs,
-            subscribed: HashMap::new(),
-            nonce: 0,
-        };
-        let request = DeltaDiscoveryRequest {
-            type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
-            ..Default::default()
-        };
-        let status = stream.on_request(request).await.unwrap_err();
-        assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    }
-}
+mod tests;
