@@ -43,6 +43,13 @@ async fn main() {
             "https://*.example.com",
             "--intercept-host",
             "localhost",
+            // Destination rules: any allowed audience may go to the plain
+            // upstream on 127.0.0.1; localhost gets only `prometheus`, and
+            // only inside intercepted TLS.
+            "--audience-rule",
+            "127.0.0.1=*",
+            "--audience-rule",
+            "https://localhost=prometheus",
             "--ca-file-destination",
             proxy_ca.to_str().unwrap(),
             "--log-level",
@@ -66,7 +73,7 @@ async fn main() {
         upstream.url()
     );
     println!(
-        "  processor              {} (allowed audiences: prometheus, https://*.example.com)",
+        "  processor              {} (allowed audiences: prometheus, https://*.example.com;\n                          rules: 127.0.0.1=*, https://localhost=prometheus)",
         processor.grpc
     );
     println!(
@@ -114,6 +121,19 @@ async fn main() {
         tls_upstream.addr().port()
     );
     show(&envoy, &tls_url, &["--cacert".into(), ca_arg]).await;
+
+    println!(
+        "\n# an audience the destination rules do not bind to this host (localhost over plain HTTP):"
+    );
+    show(
+        &envoy,
+        &format!(
+            "http://localhost:{}/metrics?kubernetes-audience=prometheus",
+            upstream.addr().port()
+        ),
+        &[],
+    )
+    .await;
 
     println!("\n# the API server fails (injected 500) for a new audience:");
     api.inject(Fault::Status(500), 1);

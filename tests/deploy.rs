@@ -241,3 +241,43 @@ fn support_envoy_admin_path() -> String {
         .expect("Envoy's admin on a Unix socket")
         .to_owned()
 }
+
+/// The processor's arguments in the manifest are a valid configuration for
+/// the real parser (the pod's environment filled in), and they bind the
+/// audience to its destination with an `https://` rule.
+#[test]
+fn the_processor_arguments_parse_and_bind_audiences_to_destinations() {
+    use clap::Parser;
+    use kube_audience_proxy::config::{Cli, Config};
+
+    let docs = documents();
+    let pod = &kind(&docs, "Deployment")["spec"]["template"]["spec"];
+    let proc = pod["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "kube-audience-proxy")
+        .unwrap();
+    let mut argv = vec!["kube-audience-proxy".to_owned()];
+    for arg in proc["args"].as_sequence().unwrap() {
+        argv.push(arg.as_str().unwrap().replace("$(POD_IP)", "127.0.0.1"));
+    }
+    assert!(
+        argv.iter()
+            .any(|a| a.starts_with("--audience-rule=https://")),
+        "the shipped pod binds its audience to a destination: {argv:?}"
+    );
+    // What the downward API and the projected volume provide in the pod.
+    argv.extend(
+        [
+            "--namespace=monitoring",
+            "--pod-name=client-0",
+            "--pod-uid=0c1d",
+        ]
+        .map(str::to_owned),
+    );
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    if let Err(errors) = Config::try_from(cli) {
+        panic!("the manifest's processor arguments are refused:\n{errors}");
+    }
+}
