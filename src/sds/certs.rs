@@ -235,6 +235,12 @@ impl Certificates {
         }
     }
 
+    /// When the CA ends (whole seconds, as signed).
+    #[cfg(test)]
+    pub(crate) fn ca_not_after(&self) -> SystemTime {
+        self.ca.not_after()
+    }
+
     /// The held names. A panic elsewhere while holding the lock cannot
     /// leave them half-updated (every update is one step), so a poisoned
     /// lock is used as is.
