@@ -142,7 +142,11 @@ pub(crate) fn check_authority(authority: &[u8]) -> Result<(), LocalRefusal> {
     }
 }
 
-fn shorten(authority: &[u8]) -> String {
+/// `authority` as text (invalid UTF-8 replaced), cut to [`MAX_SHOWN`]
+/// bytes on a character boundary: what a refusal quotes of a request's
+/// `:authority`, which a client can make as long as Envoy admits headers.
+/// Quote it with `{:?}` so control characters are escaped.
+pub(crate) fn shorten(authority: &[u8]) -> String {
     let text = String::from_utf8_lossy(authority);
     let mut end = text.len().min(MAX_SHOWN);
     while !text.is_char_boundary(end) {

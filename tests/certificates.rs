@@ -1,6 +1,7 @@
 //! Interception certificates under hostile or worn inputs: case variants of
 //! one name share one `--max-certificates` slot on every SDS path (real
-//! gRPC on loopback, and the real Envoy driven by a real TLS client), and a
+//! gRPC on loopback, and the real Envoy driven by a real TLS client), the
+//! spellings Envoy holds a secret for are bounded too, and a
 //! persisted CA that is expired, nearly expired or constrained to other
 //! hosts stops the real binary with one clear line and exit code 64.
 
@@ -25,6 +26,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The distinct spellings served at once with `--max-certificates 1`: each
+/// held name's first, and 64 more (README, "Interception": 4 per
+/// `--max-certificates`, at least 64).
+const SPELLINGS_WITH_ONE_SLOT: usize = 1 + 64;
 
 /// The `i`th case variant of `base`: the letters picked by the bits of
 /// `i * 41` (an odd factor: a bijection modulo 2^letters, so the variants
@@ -203,6 +209,62 @@ async fn fifty_case_variants_use_one_slot_over_delta_sotw_and_fetch() {
     proc.stop().await;
 }
 
+#[tokio::test]
+async fn spellings_beyond_the_bound_are_refused_like_a_full_cache() {
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let dir = tempfile::tempdir().unwrap();
+    let args = support::intercept_args(
+        &dir.path().join("ca.crt"),
+        &["*.example.com"],
+        &["--max-certificates", "1"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proc = InProcess::start(config(&kubeconfig.path, &args)).await;
+    let mut client = SecretDiscoveryServiceClient::new(proc.channel().await);
+    let spellings: Vec<String> = (0..=SPELLINGS_WITH_ONE_SLOT)
+        .map(|i| variant("metrics.example.com", i, false))
+        .collect();
+    let (served, over) = spellings.split_at(SPELLINGS_WITH_ONE_SLOT);
+    let over = over[0].as_str();
+
+    // Up to the bound: one stream per spelling, as Envoy opens them, each
+    // served and kept open (Envoy keeps a secret per spelling).
+    let mut open = Vec::new();
+    for name in served {
+        let (tx, responses, answer) = delta_subscribe(&mut client, name).await;
+        assert_eq!(answer.resources.len(), 1, "{name}: {answer:?}");
+        open.push((tx, responses));
+    }
+    // One spelling more is refused at once, as a new name is.
+    let (_tx, _responses, refused) = delta_subscribe(&mut client, over).await;
+    assert!(refused.resources.is_empty(), "{refused:?}");
+    assert_eq!(refused.removed_resources, [over]);
+    // A spelling held already is still served, to another stream too.
+    let (_tx, _responses, again) = delta_subscribe(&mut client, &served[3]).await;
+    assert_eq!(again.resources.len(), 1, "{again:?}");
+    let fetched = client
+        .fetch_secrets(DiscoveryRequest {
+            type_url: Secret::type_url(),
+            resource_names: vec![served[5].clone(), over.to_owned()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<String> = fetched.resources.iter().map(secret_name).collect();
+    assert_eq!(names, [served[5].clone()]);
+
+    // A spelling whose stream ends makes room for another.
+    let (tx, mut responses) = open.pop().unwrap();
+    drop(tx);
+    let end = tokio::time::timeout(DEADLINE, responses.message()).await;
+    assert!(matches!(end, Ok(Ok(None))), "{end:?}");
+    let (_tx, _responses, answer) = delta_subscribe(&mut client, over).await;
+    assert_eq!(answer.resources.len(), 1, "{answer:?}");
+    proc.stop().await;
+}
+
 /// `openssl s_client` through Envoy's proxy listener: CONNECT to
 /// `connect`, a TLS handshake with SNI `sni`, verifying the certificate
 /// against `ca` for `host`. Whether the handshake and the verification
@@ -248,12 +310,24 @@ async fn envoy_gets_case_variants_under_their_names_from_one_slot() {
     let proxy = envoy.listener.to_string();
 
     // Envoy's SNI mapper subscribes to each SNI as sent, one stream per
-    // name, and keeps them: 50 subscriptions, one slot, one leaf.
-    for i in 0..50 {
+    // name, and keeps them: 50 subscriptions (and more, up to the bound on
+    // spellings), one slot, one leaf.
+    for i in 0..SPELLINGS_WITH_ONE_SLOT {
         let sni = variant("localhost", i, false);
         let (ok, text) = handshake(&proxy, "localhost:443", &sni, &ca, "localhost").await;
         assert!(ok, "{sni}: {text}\n{}\n{}", processor.logs(), envoy.logs());
     }
+    // One spelling more: Envoy would keep a secret for it too, so it is
+    // refused, and its handshake fails.
+    let sni = variant("localhost", SPELLINGS_WITH_ONE_SLOT, false);
+    let (ok, text) = handshake(&proxy, "localhost:443", &sni, &ca, "localhost").await;
+    assert!(!ok, "{sni}: {text}");
+    processor
+        .wait_for_log(
+            &format!("name={sni} refusal=\"too many spellings of held names"),
+            DEADLINE,
+        )
+        .await;
     // The slot is still held: another intercepted name is refused.
     let (ok, text) = handshake(&proxy, "localhost:443", "a.localhost", &ca, "a.localhost").await;
     assert!(!ok, "{text}");
@@ -267,7 +341,7 @@ async fn envoy_gets_case_variants_under_their_names_from_one_slot() {
     assert_eq!(
         logs.matches("minted a leaf certificate").count(),
         1,
-        "one leaf for the 50 variants:\n{logs}"
+        "one leaf for every variant:\n{logs}"
     );
     assert!(!logs.contains("Envoy rejected a secret"), "{logs}");
 }

@@ -175,8 +175,9 @@ async fn a_cross_host_redirect_does_not_deliver_the_token_to_the_second_host() {
     let api = FakeApiServer::start(ApiServerOptions::default()).await;
     let first = Upstream::start(api.verifier()).await;
     let second = Upstream::start(api.verifier()).await;
+    let (first_port, second_port) = (first.addr().port(), second.addr().port());
     // The second host is another name and another port.
-    let second_base = format!("http://localhost:{}", second.addr().port());
+    let second_base = format!("http://localhost:{second_port}");
 
     // Without rules (the attack): the token for the first host's audience
     // follows the redirect to the second host.
@@ -197,25 +198,48 @@ async fn a_cross_host_redirect_does_not_deliver_the_token_to_the_second_host() {
     second.clear();
     let minted = api.token_requests();
 
-    // With a rule binding the audience to the first host: the first hop
-    // gets its token, the second is refused before it reaches the host.
-    let rules = rule_args(&[format!(
-        "127.0.0.1:{}={REDIRECTED_AUDIENCE}",
-        first.addr().port()
-    )]);
+    // With a rule binding the audience to the first host (`127.0.0.1`, its
+    // port): the first hop gets its token, the second is refused before it
+    // reaches any host, whether the redirect changes the name and the
+    // port, only the name (the very same listener under another name), or
+    // only the port. So host and port are each matched.
+    let rules = rule_args(&[format!("127.0.0.1:{first_port}={REDIRECTED_AUDIENCE}")]);
     let bound = Proxy::start(&api, &rules).await;
-    let reply = follow_redirect(&bound, &first, &second_base).await;
-    assert_eq!(reply.status, 403, "{reply:?}\n{}", bound.logs());
-    assert_eq!(reply.body, not_bound(REDIRECTED_AUDIENCE, &second_base));
-    assert_eq!(
-        first.only_received().verdict.audiences(),
-        [REDIRECTED_AUDIENCE]
-    );
-    assert_eq!(second.count(), 0, "the second host received nothing");
+    for (second_base, what) in [
+        (second_base, "another name and port"),
+        (
+            format!("http://localhost:{first_port}"),
+            "another name, the same port",
+        ),
+        (
+            format!("http://127.0.0.1:{second_port}"),
+            "the same name, another port",
+        ),
+    ] {
+        let reply = follow_redirect(&bound, &first, &second_base).await;
+        assert_eq!(reply.status, 403, "{what}: {reply:?}\n{}", bound.logs());
+        assert_eq!(
+            reply.body,
+            not_bound(REDIRECTED_AUDIENCE, &second_base),
+            "{what}"
+        );
+        let received = first.received();
+        let [hop] = received.as_slice() else {
+            panic!("{what}: the first host got only the first hop: {received:#?}")
+        };
+        assert!(hop.path.starts_with("/status/302?"), "{what}: {hop:?}");
+        assert_eq!(hop.verdict.audiences(), [REDIRECTED_AUDIENCE], "{what}");
+        assert_eq!(
+            second.count(),
+            0,
+            "{what}: the second host received nothing"
+        );
+        first.clear();
+    }
     assert_eq!(
         api.token_requests(),
         minted + 1,
-        "one TokenRequest, for the first hop"
+        "one TokenRequest, for the first hop (then cached)"
     );
 }
 

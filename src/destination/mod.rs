@@ -257,7 +257,8 @@ impl DestinationRules {
     /// The binding: `Ok` when there are no rules or a rule matching the
     /// destination admits `audience`; else [`Rejection::NotBound`]. A
     /// request whose `authority` is not a host (`destination` is `None`) is
-    /// admitted by no rule.
+    /// admitted by no rule; its refusal quotes the authority shortened as
+    /// [`crate::local::shorten`] does.
     pub fn bind(
         &self,
         destination: Option<&Destination<'_>>,
@@ -273,9 +274,11 @@ impl DestinationRules {
                 audience: audience.clone(),
                 host: destination.to_string(),
             }),
+            // Not a host: any bytes of any length, so quoted shortened
+            // (a host, above, is at most 253 bytes).
             None => Err(Rejection::NotBound {
                 audience: audience.clone(),
-                host: String::from_utf8_lossy(authority).into_owned(),
+                host: crate::local::shorten(authority),
             }),
         }
     }

@@ -434,3 +434,34 @@ fn a_supplied_template_is_still_subject_to_the_allowlist() {
         }
     );
 }
+
+#[test]
+fn a_refusal_quotes_a_huge_authority_shortened_and_escaped() {
+    let rules = rules(&["kubelet.example=*"]);
+    let audience = aud("node-exporter");
+    // 10 KiB that are no host: a control character, a multi-byte character
+    // across the cut, and invalid UTF-8.
+    let mut authority = b"evil\n".to_vec();
+    authority.extend(std::iter::repeat_n(b'a', 249));
+    authority.extend("é".as_bytes());
+    authority.extend(std::iter::repeat_n(b'b', 10 * 1024 - authority.len() - 1));
+    authority.push(0xff);
+    assert_eq!(authority.len(), 10 * 1024);
+    assert_eq!(Destination::from_authority(&authority, false), None);
+    let Err(Rejection::NotBound { host, .. }) = rules.bind(None, &authority, &audience) else {
+        panic!("refused")
+    };
+    assert_eq!(
+        host,
+        format!("evil\n{}", "a".repeat(249)),
+        "cut before the 'é'"
+    );
+    let reason = rules
+        .bind(None, &authority, &audience)
+        .unwrap_err()
+        .to_string();
+    assert!(reason.len() < 400, "{} bytes: {reason}", reason.len());
+    assert!(reason.contains(r#""evil\naaa"#), "escaped: {reason}");
+    assert!(!reason.contains('\n'), "{reason}");
+    assert!(!reason.contains("bbb"), "{reason}");
+}

@@ -9,7 +9,9 @@
 //! DNS name in lower case without its trailing dot, an IP address in its
 //! canonical form. `A.Example.com.` and `a.example.com` share one leaf and
 //! one `--max-certificates` slot; each is still answered under the exact
-//! name it was asked for (Envoy matches a secret by that name).
+//! name it was asked for (Envoy matches a secret by that name). Envoy
+//! keeps one secret (and one stream) per exact name, so the spellings
+//! beyond each name's first are bounded too (see [`slots`]).
 //!
 //! Every SDS path goes through a [`Slot`]: a leaf is only minted or served
 //! for a name that holds one, so delta, state-of-the-world and fetch all
@@ -19,8 +21,6 @@
 //! it runs on tokio's blocking pool, never on the async runtime, whose one
 //! worker thread (`--worker-threads 1`) also answers every ext_proc stream.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,6 +69,14 @@ pub(crate) enum Refusal {
     /// `--max-certificates` names are held already.
     #[error("too many certificates held (--max-certificates)")]
     TooMany,
+    /// A new spelling (case, trailing dot) of a held name, but the bound on
+    /// spellings beyond each name's first is reached (see [`slots`]).
+    #[error(
+        "too many spellings of held names (case or trailing-dot variants: {per} per --max-certificates, at least {min})",
+        per = slots::VARIANTS_PER_CERTIFICATE,
+        min = slots::MIN_VARIANTS
+    )]
+    TooManyVariants,
     /// Signing failed.
     #[error("signing failed: {0}")]
     Mint(String),
@@ -133,16 +141,17 @@ pub(crate) struct Certificates {
     /// Shared with the signing tasks on the blocking pool.
     ca: Arc<CertificateAuthority>,
     hosts: InterceptHosts,
+    /// Leaves by normalised name. Only held names are minted, and names
+    /// whose last slot went are dropped before the next mint (see
+    /// [`Certificates::forget_released`]), so the cache holds the held
+    /// names' leaves and never evicts (or refuses to admit) one, which
+    /// would split one name over several leaves. Its bound is a backstop
+    /// with room for the released names another task is about to drop.
     cache: moka::future::Cache<String, Arc<Minted>>,
     validity: Duration,
-    max_names: usize,
-    /// Normalised names held, with the number of slots on each.
-    held: Mutex<HashMap<String, usize>>,
-    /// Names whose last slot was released, to drop from the cache before
-    /// the next mint: the cache then only holds leaves of held names, so it
-    /// never reaches its bound and never evicts (or refuses to admit) a
-    /// held name's leaf, which would split one name over several leaves.
-    released: Mutex<Vec<String>>,
+    /// The names and spellings held, and those released since the last
+    /// mint, under one lock (see [`slots`]).
+    held: Mutex<slots::Held>,
     versions: AtomicU64,
     /// Bounds the signing tasks in flight (see [`signers`]).
     signers: Arc<Semaphore>,
@@ -171,10 +180,13 @@ struct LeafName {
 }
 
 /// A name held against `--max-certificates` (see [`Certificates::hold`]);
-/// released on drop. Every slot on one normalised name counts once.
+/// released on drop. Every slot on one normalised name counts once; every
+/// exact spelling once against the bound on spellings.
 pub(crate) struct Slot<'a> {
     certs: &'a Certificates,
     leaf: LeafName,
+    /// The name as asked for.
+    exact: String,
 }
 
 impl Slot<'_> {
@@ -187,19 +199,7 @@ impl Slot<'_> {
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        let mut held = self.certs.lock_held();
-        if let Entry::Occupied(mut entry) = held.entry(self.leaf.key.clone()) {
-            *entry.get_mut() -= 1;
-            if *entry.get() == 0 {
-                let (key, _) = entry.remove_entry();
-                drop(held);
-                self.certs
-                    .released
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(key);
-            }
-        }
+        self.certs.lock_held().release(&self.leaf.key, &self.exact);
     }
 }
 
@@ -223,12 +223,10 @@ impl Certificates {
             ca: Arc::new(ca),
             hosts,
             cache: moka::future::Cache::builder()
-                .max_capacity(u64::try_from(max_names).unwrap_or(u64::MAX))
+                .max_capacity(u64::try_from(max_names.saturating_mul(2)).unwrap_or(u64::MAX))
                 .build(),
             validity,
-            max_names,
-            held: Mutex::new(HashMap::new()),
-            released: Mutex::new(Vec::new()),
+            held: Mutex::new(slots::Held::new(max_names)),
             versions: AtomicU64::new(0),
             signers: Arc::new(Semaphore::new(signers())),
             counters: Counters::default(),
@@ -237,15 +235,22 @@ impl Certificates {
         }
     }
 
+    /// When the CA ends (whole seconds, as signed).
+    #[cfg(test)]
+    pub(crate) fn ca_not_after(&self) -> SystemTime {
+        self.ca.not_after()
+    }
+
     /// The held names. A panic elsewhere while holding the lock cannot
-    /// leave the map half-updated (every update is one step), so a
-    /// poisoned lock is used as is.
-    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+    /// leave them half-updated (every update is one step), so a poisoned
+    /// lock is used as is.
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, slots::Held> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Holds `name` against `--max-certificates`: a name whose normalised
-    /// form is held already shares its slot; a new one needs a free slot.
+    /// form is held already shares its slot (a new spelling of it needs
+    /// room under the bound on spellings); a new one needs a free slot.
     /// Refuses names that may not be minted. Refusals are counted and
     /// logged.
     pub(crate) fn hold(&self, name: &str) -> Result<Slot<'_>, Refusal> {
@@ -258,16 +263,12 @@ impl Certificates {
 
     fn hold_inner(&self, name: &str) -> Result<Slot<'_>, Refusal> {
         let leaf = self.leaf_name(name)?;
-        let mut held = self.lock_held();
-        let names = held.len();
-        match held.entry(leaf.key.clone()) {
-            Entry::Occupied(mut entry) => *entry.get_mut() += 1,
-            Entry::Vacant(entry) if names < self.max_names => {
-                entry.insert(1);
-            }
-            Entry::Vacant(_) => return Err(Refusal::TooMany),
-        }
-        Ok(Slot { certs: self, leaf })
+        self.lock_held().admit(&leaf.key, name)?;
+        Ok(Slot {
+            certs: self,
+            leaf,
+            exact: name.to_owned(),
+        })
     }
 
     /// Counts and logs a refusal.
@@ -307,14 +308,12 @@ impl Certificates {
     }
 
     /// Drops the cached leaves of names no longer held. A name held again
-    /// since is kept (or, in a race, dropped and minted anew: harmless).
+    /// since is kept (or, when held again while this runs, dropped and
+    /// minted anew: harmless).
     async fn forget_released(&self) {
-        let released =
-            std::mem::take(&mut *self.released.lock().unwrap_or_else(PoisonError::into_inner));
+        let released = self.lock_held().take_released();
         for key in released {
-            if !self.lock_held().contains_key(&key) {
-                self.cache.invalidate(&key).await;
-            }
+            self.cache.invalidate(&key).await;
         }
     }
 
@@ -458,5 +457,6 @@ pub(crate) fn ending_store(max: usize, ca_end: SystemTime) -> Certificates {
     Certificates::new(ca, hosts, validity, max)
 }
 
+mod slots;
 #[cfg(test)]
 mod tests;

@@ -273,12 +273,17 @@ async fn serve(certs: Certificates) -> (tonic::transport::Channel, tokio::task::
     (channel, server)
 }
 
-// Real time: the CA really runs out during the window.
+// Real time: the CA really runs out during the window. It lives 10 s, so
+// the server, two streams and two signings are ready long before it ends
+// even on a loaded machine; the count runs until 2 s after its end, over
+// the last seconds of its life (where a leaf's life, and so two thirds of
+// it, shrinks to zero) and past it.
 #[tokio::test]
 async fn pushes_over_grpc_stay_bounded_while_the_ca_runs_out() {
     use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 
-    let certs = ending_store(10, SystemTime::now() + Duration::from_secs(2));
+    let certs = ending_store(10, SystemTime::now() + Duration::from_secs(10));
+    let ca_end = certs.ca_not_after();
     let (channel, server) = serve(certs).await;
     let mut client = SecretDiscoveryServiceClient::new(channel);
     let (delta_tx, delta_rx) = mpsc::channel(4);
@@ -308,17 +313,21 @@ async fn pushes_over_grpc_stay_bounded_while_the_ca_runs_out() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(names(&first).0, ["localhost"]);
+    assert_eq!(names(&first).0, ["localhost"], "served before the CA ended");
     let first = tokio::time::timeout(deadline, sotw.message())
         .await
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(first.resources.len(), 1);
-    // Count what arrives over 3 s, during which the CA ends: nothing (no
-    // rotation is due before MIN_ROTATION), where a rotation at two thirds
-    // of an ever shorter life would send thousands.
-    let end = Instant::now() + Duration::from_secs(3);
+    assert_eq!(first.resources.len(), 1, "served before the CA ended");
+    // Count what arrives until 2 s after the CA's end: nothing (no rotation
+    // is due before MIN_ROTATION), where a rotation at two thirds of an
+    // ever shorter life would send hundreds.
+    let left = ca_end
+        .duration_since(SystemTime::now())
+        .expect("the streams were served before the CA ended");
+    assert!(left < MIN_ROTATION, "the window ends before any rotation");
+    let end = Instant::now() + left + Duration::from_secs(2);
     let (mut delta_pushes, mut sotw_pushes) = (0, 0);
     loop {
         tokio::select! {
@@ -333,6 +342,10 @@ async fn pushes_over_grpc_stay_bounded_while_the_ca_runs_out() {
             () = tokio::time::sleep_until(end) => break,
         }
     }
+    assert!(
+        SystemTime::now() > ca_end,
+        "the window covered the CA's end"
+    );
     assert_eq!((delta_pushes, sotw_pushes), (0, 0));
     drop((delta_tx, sotw_tx));
     server.abort();

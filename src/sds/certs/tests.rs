@@ -320,3 +320,56 @@ async fn only_held_names_stay_cached() {
     drop(certs.hold("A.EXAMPLE.COM").unwrap());
     assert!(Arc::ptr_eq(&kept, &certs.get(&held).await.unwrap()));
 }
+
+/// `n` distinct spellings of `base` (upper-case letters picked by the bits
+/// of `i`), the first being `base` itself.
+fn spellings(base: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let mut letter = 0;
+            base.chars()
+                .map(|c| {
+                    if !c.is_ascii_alphabetic() {
+                        return c;
+                    }
+                    letter += 1;
+                    if i >> (letter - 1) & 1 == 1 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn spellings_of_held_names_are_bounded_like_a_full_cache() {
+    let certs = store(1);
+    let bound = 1 + slots::max_variants(1);
+    let names = spellings("a.example.com", bound + 1);
+    let (admitted, over) = names.split_at(bound);
+    let mut slots: Vec<Slot<'_>> = admitted
+        .iter()
+        .map(|name| certs.hold(name).expect("within the bound"))
+        .collect();
+    for slot in &slots {
+        certs.get(slot).await.unwrap();
+    }
+    assert_eq!(certs.counters.minted.load(Ordering::Relaxed), 1, "one leaf");
+    // One more spelling is refused, as a new name is when the slots are
+    // taken; a spelling held already is not.
+    assert_eq!(certs.hold(&over[0]).err(), Some(Refusal::TooManyVariants));
+    assert_eq!(certs.hold("b.example.com").err(), Some(Refusal::TooMany));
+    assert!(certs.hold(&admitted[7]).is_ok());
+    assert_eq!(certs.counters.refused.load(Ordering::Relaxed), 2);
+    // A spelling whose last holder went makes room for another.
+    slots.pop();
+    let other = certs.hold(&over[0]).unwrap();
+    assert_eq!(other.key(), "a.example.com");
+    assert!(Arc::ptr_eq(
+        &certs.get(&other).await.unwrap(),
+        &certs.get(&slots[0]).await.unwrap()
+    ));
+}
