@@ -7,8 +7,9 @@
 //!   `--allow-apiserver-audience`;
 //! - its refusals hold for requests too: after a 429 (or a 5xx) for an
 //!   audience without a token, requests in the back-off window get 503 with
-//!   `retry-after` and make no TokenRequest; at most
-//!   `--max-concurrent-token-requests` TokenRequests are in flight at once.
+//!   `retry-after` and make no TokenRequest, also when a client gave up
+//!   while the TokenRequest ran; at most `--max-concurrent-token-requests`
+//!   TokenRequests are in flight at once.
 
 mod support;
 
@@ -288,6 +289,32 @@ async fn a_429_storm_makes_at_most_two_token_requests() {
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(s.upstream.only_received().verdict.audiences(), ["recover"]);
     assert_eq!(s.api.requests_for_audience("recover"), 2);
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_does_not_start_a_second_token_request() {
+    let s = Stack::start(&[], |_| {}).await;
+    s.api.inject(Fault::Hang, usize::MAX);
+    // The client gives up after 1 s (Envoy then resets the ext_proc
+    // stream); the TokenRequest, bounded by --token-request-timeout (4 s),
+    // runs on.
+    let named = "x-kubernetes-audience: hanging";
+    let gone = s.get("/x", &["-H", named, "--max-time", "1"]).await;
+    assert_eq!(gone.status, 0, "curl gave up: {gone:?}");
+    s.api.wait_for_token_requests_arrived(1, DEADLINE).await;
+    // The next request waits for that TokenRequest instead of making its
+    // own, and gets its failure with the back-off window it opened.
+    let next = s.get_for("hanging").await;
+    assert_eq!(next.status, 503, "{next:?}");
+    assert!(
+        next.body
+            .contains("the API server did not answer the TokenRequest within 4s"),
+        "{}",
+        next.body
+    );
+    assert_eq!(header(&next, "retry-after").as_deref(), Some("1"));
+    assert_eq!(s.api.token_requests_arrived(), 1, "one TokenRequest");
+    assert_eq!(s.upstream.count(), 0);
 }
 
 #[tokio::test]
