@@ -58,7 +58,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     where
         F: Future<Output = Result<T, Error>> + Send + 'static,
     {
-        let land = {
+        let role = {
             let mut running = lock(&self.running);
             if let Some(flight) = running.get(audience) {
                 Role::Join(flight.clone())
@@ -75,7 +75,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
                 Role::Start(flight, land)
             }
         };
-        let flight = match land {
+        let flight = match role {
             Role::Join(flight) => flight,
             Role::Start(flight, land) => {
                 // Spawned outside the lock: a task dropped at once (runtime
