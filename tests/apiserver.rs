@@ -7,8 +7,9 @@
 //!   `--allow-apiserver-audience`;
 //! - its refusals hold for requests too: after a 429 (or a 5xx) for an
 //!   audience without a token, requests in the back-off window get 503 with
-//!   `retry-after` and make no TokenRequest; at most
-//!   `--max-concurrent-token-requests` TokenRequests are in flight at once.
+//!   `retry-after` and make no TokenRequest, also when a client gave up
+//!   while the TokenRequest ran; at most `--max-concurrent-token-requests`
+//!   TokenRequests are in flight at once.
 
 mod support;
 
@@ -226,19 +227,18 @@ async fn a_429_storm_makes_at_most_two_token_requests() {
         },
         usize::MAX,
     );
-    // Ten clients at once, then ten one after the other (which single
-    // flight alone could not merge).
+    // Twenty clients at once: those that arrive while the first
+    // TokenRequest runs share it, the later ones fall in its 5 s window.
+    // Even if a loaded machine spreads them over more than 5 s, the window
+    // after the second TokenRequest (5 s again) covers the rest.
     let stack = std::sync::Arc::new(s);
     let mut clients = JoinSet::new();
-    for _ in 0..10 {
+    for _ in 0..20 {
         let stack = stack.clone();
         clients.spawn(async move { stack.get_for("storm").await });
     }
-    let mut replies = clients.join_all().await;
+    let replies = clients.join_all().await;
     let s = &*stack;
-    for _ in 0..10 {
-        replies.push(s.get_for("storm").await);
-    }
     for reply in &replies {
         assert_eq!(reply.status, 503, "{reply:?}");
         assert!(
@@ -292,9 +292,42 @@ async fn a_429_storm_makes_at_most_two_token_requests() {
 }
 
 #[tokio::test]
+async fn a_client_that_gives_up_does_not_start_a_second_token_request() {
+    let s = Stack::start(&[], |_| {}).await;
+    s.api.inject(Fault::Hang, usize::MAX);
+    // The client gives up after 1 s (Envoy then resets the ext_proc
+    // stream); the TokenRequest, bounded by --token-request-timeout (4 s),
+    // runs on.
+    let named = "x-kubernetes-audience: hanging";
+    let gone = s.get("/x", &["-H", named, "--max-time", "1"]).await;
+    assert_eq!(gone.status, 0, "curl gave up: {gone:?}");
+    s.api.wait_for_token_requests_arrived(1, DEADLINE).await;
+    // The next request waits for that TokenRequest instead of making its
+    // own, and gets its failure with the back-off window it opened.
+    let next = s.get_for("hanging").await;
+    assert_eq!(next.status, 503, "{next:?}");
+    assert!(
+        next.body
+            .contains("the API server did not answer the TokenRequest within 4s"),
+        "{}",
+        next.body
+    );
+    assert_eq!(header(&next, "retry-after").as_deref(), Some("1"));
+    assert_eq!(s.api.token_requests_arrived(), 1, "one TokenRequest");
+    assert_eq!(s.upstream.count(), 0);
+}
+
+#[tokio::test]
 async fn fail_open_forwards_without_a_token_during_the_back_off() {
     let s = Stack::start(&["--on-token-error", "allow"], |_| {}).await;
-    s.api.inject(Fault::Status(503), usize::MAX);
+    // `Retry-After: 30`: a window long enough for three requests through
+    // curl and Envoy however slow the machine.
+    s.api.inject(
+        Fault::TooManyRequests {
+            retry_after_secs: 30,
+        },
+        usize::MAX,
+    );
     for _ in 0..3 {
         let reply = s.get_for("down").await;
         assert_eq!(reply.status, 200, "{reply:?}");
@@ -315,16 +348,18 @@ async fn fail_open_forwards_without_a_token_during_the_back_off() {
 #[tokio::test]
 async fn at_most_the_configured_number_of_token_requests_are_in_flight() {
     let s = Stack::start(&["--max-concurrent-token-requests", "2"], |_| {}).await;
-    // Every TokenRequest takes 1 s: four new audiences at once need two
-    // rounds of two, well within the 4 s --token-request-timeout.
-    s.api
-        .inject(Fault::Delay(Duration::from_secs(1)), usize::MAX);
+    // The API server holds every TokenRequest until the test lets them go,
+    // so the first two are in flight together for certain, however the
+    // four clients are spread; the other two wait for a slot meanwhile.
+    s.api.inject(Fault::Hold, usize::MAX);
     let stack = std::sync::Arc::new(s);
     let mut clients = JoinSet::new();
     for i in 0..4 {
         let stack = stack.clone();
         clients.spawn(async move { (i, stack.get_for(&format!("burst-{i}")).await) });
     }
+    stack.api.wait_for_held(2, DEADLINE).await;
+    stack.api.release_held();
     for (i, reply) in clients.join_all().await {
         assert_eq!(
             reply.status, 200,
@@ -398,6 +433,52 @@ fn bad_values_exit_64_with_one_line_each() {
 }
 
 #[test]
+fn an_api_server_audience_in_a_rule_and_an_absurd_timeout_exit_64() {
+    let (code, text) = run(
+        &[
+            "--audience-rule",
+            "api.example=https://kubernetes.default.svc",
+            "--token-request-timeout",
+            "100000000000000000s",
+        ],
+        &[],
+    );
+    assert_eq!(code, 64, "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("kube-audience-proxy: --token-request-timeout ")
+            && lines[0].contains("is longer than the maximum of 1m"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("kube-audience-proxy: --audience-rule \"api.example=https://kubernetes.default.svc\": \"https://kubernetes.default.svc\" is an audience of the Kubernetes API server itself"),
+        "{text}"
+    );
+    // The same through the environment.
+    let (code, text) = run(
+        &[],
+        &[
+            (
+                "KUBE_AUDIENCE_PROXY_AUDIENCE_RULES",
+                "a.example=https://a.example,b.example=kubernetes.default.svc.cluster.local",
+            ),
+            ("KUBE_AUDIENCE_PROXY_TOKEN_REQUEST_TIMEOUT", "2m"),
+        ],
+    );
+    assert_eq!(code, 64, "{text}");
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(
+        text.contains("--token-request-timeout 2m is longer"),
+        "{text}"
+    );
+    assert!(
+        text.contains("--audience-rule \"b.example=kubernetes.default.svc.cluster.local\""),
+        "{text}"
+    );
+}
+
+#[test]
 fn the_opt_in_admits_an_api_server_default_audience() {
     // With the opt-in (from the environment) the default audience is
     // accepted: what fails next is the missing kubeconfig.
@@ -426,6 +507,8 @@ fn help_explains_both_flags() {
         "--allow-apiserver-audience",
         "KUBE_AUDIENCE_PROXY_ALLOW_APISERVER_AUDIENCE",
         "WARNING: whoever receives such a token can act as this proxy's",
+        "--token-request-timeout <DURATION>",
+        "included; at most 1m",
     ] {
         assert!(text.contains(expected), "{expected:?} missing:\n{text}");
     }

@@ -193,8 +193,10 @@ pub struct Cli {
     )]
     pub audience_idle_timeout: Duration,
 
-    /// Longest wait for one TokenRequest; keep it below Envoy's ext_proc
-    /// `message_timeout` (5s in the shipped configuration).
+    /// Longest wait for one TokenRequest, waiting for a free slot of
+    /// --max-concurrent-token-requests included; at most 1m. Keep it below
+    /// Envoy's ext_proc `message_timeout` (5s in the shipped configuration),
+    /// so the processor answers (503 with the reason) before Envoy gives up.
     #[arg(
         long,
         env = "KUBE_AUDIENCE_PROXY_TOKEN_REQUEST_TIMEOUT",

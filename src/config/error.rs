@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{MIN_CERTIFICATE_VALIDITY, MIN_TOKEN_EXPIRATION};
+use super::{MAX_TOKEN_REQUEST_TIMEOUT, MIN_CERTIFICATE_VALIDITY, MIN_TOKEN_EXPIRATION};
 use crate::audience;
 
 /// One invalid setting.
@@ -89,6 +89,18 @@ pub enum ConfigError {
         "--default-audience {0:?} is an audience of the Kubernetes API server itself: every request without an audience would carry a token that acts as the ServiceAccount against the API server; name the target's audience instead (or pass --allow-apiserver-audience if that is really meant)"
     )]
     DefaultAudienceIsApiServer(String),
+    /// A rule's literal audience is one of the API server's own.
+    #[error(
+        "--audience-rule {rule:?}: {audience:?} is an audience of the Kubernetes API server itself, refused for every request; name the target's audience instead (or pass --allow-apiserver-audience if that is really meant)"
+    )]
+    RuleAudienceIsApiServer { rule: String, audience: String },
+    /// The TokenRequest timeout is absurdly long.
+    #[error(
+        "--token-request-timeout {} is longer than the maximum of {} (keep it below Envoy's ext_proc message_timeout)",
+        humantime::format_duration(*.0),
+        humantime::format_duration(MAX_TOKEN_REQUEST_TIMEOUT)
+    )]
+    TokenRequestTimeout(Duration),
 }
 
 /// Every invalid setting of a command line, reported together so an

@@ -29,6 +29,11 @@ use crate::tokens::kube::BoundPod;
 /// (`expirationSeconds` below it is refused with 422).
 pub const MIN_TOKEN_EXPIRATION: Duration = Duration::from_secs(600);
 
+/// Longest `--token-request-timeout`: a request waits this long for a token
+/// at most; Envoy's ext_proc `message_timeout` (5s in the shipped
+/// configuration) should end it sooner anyway.
+pub const MAX_TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Shortest leaf certificate lifetime: a successor is pushed after two
 /// thirds of it, and Envoy needs time to fetch it before the old one ends.
 pub const MIN_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(600);
@@ -154,7 +159,11 @@ impl TryFrom<Cli> for Config {
         let audience = audience_rules(&cli, &mut errors);
         let interception = interception(&cli, &mut errors);
         let server = server_settings(&cli, &mut errors);
-        let apiserver_ok = apiserver_audience(&cli, &mut errors);
+        let apiserver_ok = apiserver_audience(&cli, &mut errors).and(rule_apiserver_audiences(
+            &cli,
+            audience.as_ref(),
+            &mut errors,
+        ));
         let telemetry = TelemetrySettings {
             level: cli.log_level,
             format: cli.log_format,
@@ -202,7 +211,13 @@ fn token_settings(cli: &Cli, errors: &mut Collector) -> Option<TokenSettings> {
     let expiration = errors.check(cli.token_expiration >= MIN_TOKEN_EXPIRATION, || {
         ConfigError::TokenExpiration(cli.token_expiration)
     });
-    let request_timeout = non_zero(errors, "--token-request-timeout", cli.token_request_timeout);
+    let request_timeout = non_zero(errors, "--token-request-timeout", cli.token_request_timeout)
+        .and_then(|timeout| {
+            errors.check(timeout <= MAX_TOKEN_REQUEST_TIMEOUT, || {
+                ConfigError::TokenRequestTimeout(timeout)
+            })?;
+            Some(timeout)
+        });
     let bound_pod = errors.take(bound_pod(cli));
     Some(TokenSettings {
         service_account: service_account?,
@@ -268,7 +283,7 @@ fn cache_limits(cli: &Cli, errors: &mut Collector) -> Option<Limits> {
         max_audiences: cli.max_audiences,
         idle_timeout: idle_timeout?,
         max_in_flight: max_in_flight.map(|()| usize::from(cli.max_concurrent_token_requests))?,
-        // Validated (non-zero) with the token settings.
+        // Validated (non-zero, bounded) with the token settings.
         request_timeout: cli.token_request_timeout,
     })
 }
@@ -286,6 +301,36 @@ fn apiserver_audience(cli: &Cli, errors: &mut Collector) -> Option<()> {
     errors.check(!refused, || {
         ConfigError::DefaultAudienceIsApiServer(cli.default_audience.clone().unwrap_or_default())
     })
+}
+
+/// An `--audience-rule` whose literal AUDIENCE is one of the API server's
+/// own (as [`apiserver_audience`] knows them) would be refused for every
+/// request to its HOST: refused here, one line per rule, unless
+/// `--allow-apiserver-audience`. Invalid rules (`rules` is `None`) are
+/// reported on their own. Templates are checked per request.
+fn rule_apiserver_audiences(
+    cli: &Cli,
+    rules: Option<&Rules>,
+    errors: &mut Collector,
+) -> Option<()> {
+    let mut ok = Some(());
+    if cli.allow_apiserver_audience {
+        return ok;
+    }
+    for rule in rules.map_or(&[][..], |rules| rules.destinations.rules()) {
+        if let Some(audience) = rule.literal_audience()
+            && crate::apiserver::is_known_apiserver_audience(
+                audience.as_str(),
+                cli.apiserver.as_deref(),
+            )
+        {
+            ok = errors.take(Err(ConfigError::RuleAudienceIsApiServer {
+                rule: rule.to_string(),
+                audience: audience.to_string(),
+            }));
+        }
+    }
+    ok
 }
 
 fn audience_rules(cli: &Cli, errors: &mut Collector) -> Option<Rules> {

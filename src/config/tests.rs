@@ -275,6 +275,8 @@ fn every_invalid_flag_is_reported_at_once() {
             ConfigError::ZeroDuration(flag) => flag,
             ConfigError::MaxConcurrentTokenRequests => "max-concurrent-token-requests",
             ConfigError::DefaultAudienceIsApiServer(_) => "default-audience-apiserver",
+            ConfigError::RuleAudienceIsApiServer { .. } => "audience-rule-apiserver",
+            ConfigError::TokenRequestTimeout(_) => "token-request-timeout",
         })
         .collect();
     assert_eq!(
@@ -334,6 +336,8 @@ fn limits_in_help_and_messages_come_from_the_constants() {
         .render_long_help()
         .to_string();
     assert!(help.contains(&format!("at least {limit}")), "{help}");
+    let most = humantime::format_duration(MAX_TOKEN_REQUEST_TIMEOUT).to_string();
+    assert!(help.contains(&format!("at most {most}")), "{help}");
     let errors = parse(&[
         "--service-account",
         "a",
@@ -354,4 +358,77 @@ fn local_destinations_are_refused_unless_allowed() {
     assert_eq!(c.local_destinations, LocalDestinations::Refuse);
     let c = parse(&[&base[..], &["--allow-local-destinations"]].concat()).unwrap();
     assert_eq!(c.local_destinations, LocalDestinations::Allow);
+}
+
+#[test]
+fn api_server_audiences_in_rules_and_long_timeouts_are_refused() {
+    let base = ["--service-account", "app", "--namespace", "demo"];
+    let errors = parse(
+        &[
+            &base[..],
+            &[
+                "--audience-rule",
+                "api.example=https://api.example",
+                "--audience-rule",
+                "x.example=https://Kubernetes.Default.svc/",
+                "--audience-rule",
+                "*.example=https://{host}",
+                "--audience-rule",
+                "y.example=*",
+                "--audience-rule",
+                "https://z.example:443=kubernetes.default.svc.cluster.local",
+                "--token-request-timeout",
+                "61s",
+            ],
+        ]
+        .concat(),
+    )
+    .unwrap_err();
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(lines.len(), 3, "{errors}");
+    assert!(lines[0].starts_with("--token-request-timeout 1m 1s is longer than the maximum of 1m"));
+    assert!(lines[1].starts_with(
+        "--audience-rule \"x.example=https://Kubernetes.Default.svc/\": \"https://Kubernetes.Default.svc/\" is an audience of the Kubernetes API server itself"
+    ));
+    assert!(lines[2].starts_with(
+        "--audience-rule \"https://z.example:443=kubernetes.default.svc.cluster.local\":"
+    ));
+    // The opt-in admits them; 1m is the longest timeout.
+    let c = parse(
+        &[
+            &base[..],
+            &[
+                "--allow-apiserver-audience",
+                "--audience-rule",
+                "x.example=https://kubernetes.default.svc",
+                "--token-request-timeout",
+                "1m",
+            ],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    assert_eq!(c.tokens.request_timeout, MAX_TOKEN_REQUEST_TIMEOUT);
+    assert_eq!(c.cache.request_timeout, MAX_TOKEN_REQUEST_TIMEOUT);
+    // An --apiserver URL counts too.
+    let errors = parse(
+        &[
+            &base[..],
+            &[
+                "--apiserver",
+                "https://10.0.0.1:6443",
+                "--audience-rule",
+                "x.example=https://10.0.0.1:6443",
+            ],
+        ]
+        .concat(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            errors.iter().collect::<Vec<_>>()[..],
+            [ConfigError::RuleAudienceIsApiServer { .. }]
+        ),
+        "{errors}"
+    );
 }

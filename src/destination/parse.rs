@@ -111,3 +111,15 @@ fn audience_rule(raw: &str, allowlist: Option<&Allowlist>) -> Result<AudienceRul
     }
     Ok(AudienceRule::Literal(audience))
 }
+
+impl DestinationRule {
+    /// The audience of a rule whose AUDIENCE is a literal (`None` for `*`
+    /// and templates), for the configuration's checks of literal audiences
+    /// (the API server's own audiences are refused at startup).
+    pub(crate) fn literal_audience(&self) -> Option<&Audience> {
+        match &self.audience {
+            AudienceRule::Literal(audience) => Some(audience),
+            AudienceRule::Any | AudienceRule::Template(_) => None,
+        }
+    }
+}

@@ -6,10 +6,13 @@
 //! - with a usable token gets it at once; if the token is past its refresh
 //!   point, a background refresh starts (once per entry), and the request
 //!   still does not wait;
-//! - with no entry (or one whose token is no longer usable) mints one. moka's
-//!   `try_get_with` makes concurrent misses share a single TokenRequest, and
-//!   share its error too, so a failing API server sees one call, not one per
-//!   waiting request;
+//! - with no entry (or one whose token is no longer usable) mints one, in a
+//!   task of its own ([`Flights`]): concurrent misses share that single
+//!   TokenRequest, and share its error too, so a failing API server sees one
+//!   call, not one per waiting request. The task records the outcome (the
+//!   entry, or the failure's back-off window) even when every request that
+//!   waited for it has gone (a client or Envoy that gave up), so a request
+//!   that goes away cannot make the next one skip the back-off;
 //! - whose last mint failed gets that failure at once, without a
 //!   TokenRequest, until the back-off window of the failure has passed
 //!   ([`Policy::failure_window`]: `Retry-After` on 429, exponential on 5xx
@@ -19,7 +22,9 @@
 //! Every TokenRequest, foreground or background refresh, first takes one of
 //! [`Limits::max_in_flight`] permits, so a burst of new audiences cannot
 //! flood the API server. A request that finds none free waits, within the
-//! same `--token-request-timeout` that bounds the TokenRequest itself.
+//! same `--token-request-timeout` that bounds the TokenRequest itself; if
+//! that wait leaves the TokenRequest too little time, the failure is the
+//! proxy's own ([`Error::Busy`]) and opens no back-off window.
 //!
 //! Time is tokio time, so tests drive refresh and expiry with a paused clock.
 
@@ -30,6 +35,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::backoff::Failures;
+use super::flight::Flights;
 use super::limit::Limited;
 use super::schedule::Policy;
 use super::{Error, IssuedToken, TokenSource};
@@ -58,6 +64,8 @@ pub struct Limits {
 pub struct TokenCache<S> {
     source: Limited<S>,
     entries: moka::future::Cache<Audience, Arc<Entry>>,
+    /// Mints in flight, one per audience.
+    flights: Flights<Arc<Entry>>,
     /// Back-off windows of audiences whose last mint failed.
     failures: Failures,
     policy: Policy,
@@ -68,6 +76,7 @@ impl<S> Clone for TokenCache<S> {
         TokenCache {
             source: self.source.clone(),
             entries: self.entries.clone(),
+            flights: self.flights.clone(),
             failures: self.failures.clone(),
             policy: self.policy,
         }
@@ -133,6 +142,7 @@ impl<S: TokenSource> TokenCache<S> {
         TokenCache {
             source: Limited::new(source, limits.max_in_flight, limits.request_timeout),
             entries,
+            flights: Flights::default(),
             failures: Failures::new(limits.max_audiences, policy),
             policy,
         }
@@ -156,9 +166,11 @@ impl<S: TokenSource> TokenCache<S> {
         if let Some(error) = self.failures.check(audience).await {
             return Err(Arc::new(error));
         }
+        let cache = self.clone();
+        let owned = audience.clone();
         let entry = self
-            .entries
-            .try_get_with_by_ref(audience, self.mint_entry(audience))
+            .flights
+            .join(audience, || async move { cache.mint_entry(&owned).await })
             .await?;
         Ok(entry.current().token)
     }
@@ -175,9 +187,17 @@ impl<S: TokenSource> TokenCache<S> {
         self.len() == 0
     }
 
+    /// Mints a token for `audience` and records the outcome: the entry in
+    /// the cache, or the failure's back-off window. Runs in the flight's
+    /// own task, so it finishes whether or not anyone still waits.
     async fn mint_entry(&self, audience: &Audience) -> Result<Arc<Entry>, Error> {
-        // A request that looked before the previous mint's failure was
-        // recorded may start this one after it: answer it from the window.
+        // A request that looked before the previous flight landed may start
+        // this one after it: answer it with what that flight recorded.
+        if let Some(entry) = self.entries.get(audience).await
+            && Instant::now() < entry.current().usable_until
+        {
+            return Ok(entry);
+        }
         if let Some(error) = self.failures.check(audience).await {
             return Err(error);
         }
@@ -190,10 +210,12 @@ impl<S: TokenSource> TokenCache<S> {
             Ok(current) => {
                 self.failures.clear(audience).await;
                 tracing::debug!(%audience, "minted a token");
-                Ok(Arc::new(Entry {
+                let entry = Arc::new(Entry {
                     current: RwLock::new(current),
                     refreshing: AtomicBool::new(false),
-                }))
+                });
+                self.entries.insert(audience.clone(), entry.clone()).await;
+                Ok(entry)
             }
             Err(error) => Err(self.failures.record(audience, error).await),
         }

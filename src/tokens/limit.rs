@@ -3,7 +3,8 @@
 //! background refresh, first takes a permit. A request that finds none free
 //! waits rather than being refused; the wait and the TokenRequest together
 //! stay within `--token-request-timeout`, so Envoy's `message_timeout` is
-//! never the one that fires.
+//! never the one that fires. Only a TokenRequest that had the whole timeout
+//! can time out as the API server's failure ([`Limited::mint`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,26 +52,39 @@ impl<S: TokenSource> Limited<S> {
 
     /// One TokenRequest, once a permit is free. Waiting and the request
     /// together take at most the timeout: the TokenRequest gets what the
-    /// wait left, and a timeout says how much that was.
+    /// wait left.
+    ///
+    /// A timeout is the API server's ([`Error::Timeout`], which opens a
+    /// back-off window) only when the TokenRequest had the whole timeout.
+    /// One that first waited for a permit and then ran out of the rest is
+    /// [`Error::Busy`], as is a wait that never got a permit: the proxy's
+    /// own limit cut it short, and blaming the API server would hold
+    /// requests back while it is healthy. The API server still sees at
+    /// most `limit` TokenRequests at once, so that costs it nothing.
     pub(crate) async fn mint(&self, audience: &Audience) -> Result<IssuedToken, Error> {
-        let (_permit, budget) = match self.permits.try_acquire() {
-            Ok(permit) => (permit, self.timeout),
+        let busy = || Error::Busy {
+            limit: self.limit,
+            timeout: self.timeout,
+        };
+        // `waited`: no permit was free at once, so the TokenRequest gets
+        // less than the whole timeout.
+        let (_permit, budget, waited) = match self.permits.try_acquire() {
+            Ok(permit) => (permit, self.timeout, false),
             Err(_) => {
-                let deadline = Instant::now() + self.timeout;
-                // The semaphore is never closed: `Err` means the deadline.
+                let start = Instant::now();
+                // The semaphore is never closed: `Err` means the timeout.
                 let Ok(Ok(permit)) =
-                    tokio::time::timeout_at(deadline, self.permits.acquire()).await
+                    tokio::time::timeout(self.timeout, self.permits.acquire()).await
                 else {
-                    return Err(Error::Busy {
-                        limit: self.limit,
-                        timeout: self.timeout,
-                    });
+                    return Err(busy());
                 };
-                (permit, deadline.saturating_duration_since(Instant::now()))
+                let left = self.timeout.saturating_sub(start.elapsed());
+                (permit, left, true)
             }
         };
         match tokio::time::timeout(budget, self.source.mint(audience)).await {
             Ok(result) => result,
+            Err(_) if waited => Err(busy()),
             Err(_) => Err(Error::Timeout(budget)),
         }
     }

@@ -4,6 +4,7 @@
 
 mod backoff;
 pub(crate) mod cache;
+mod flight;
 pub(crate) mod kube;
 mod limit;
 pub(crate) mod schedule;
@@ -71,13 +72,19 @@ pub enum Error {
     /// The answer was a success but unusable.
     #[error("the API server's TokenRequest answer is unusable: {0}")]
     BadResponse(&'static str),
-    /// `--max-concurrent-token-requests` TokenRequests were in flight for
-    /// the whole `--token-request-timeout`: the proxy's own limit, not an
-    /// answer of the API server (so no back-off follows).
+    /// `--max-concurrent-token-requests` TokenRequests were in flight, and
+    /// waiting for a free slot took the whole `--token-request-timeout`, or
+    /// so much of it that the TokenRequest ran out of what was left: the
+    /// proxy's own limit cut it short, not the API server (so no back-off
+    /// follows).
     #[error(
-        "{limit} TokenRequests were already in flight (--max-concurrent-token-requests) and none finished within {timeout:?}"
+        "{limit} TokenRequests were already in flight (--max-concurrent-token-requests), and waiting for a free slot left too little of the {timeout:?} --token-request-timeout to get a token"
     )]
     Busy { limit: usize, timeout: Duration },
+    /// The task minting the token ended without an outcome (the processor
+    /// is shutting down).
+    #[error("the TokenRequest was abandoned without an answer (the processor is shutting down)")]
+    Abandoned,
     /// An earlier TokenRequest for this audience failed with `cause`, and
     /// the proxy does not ask again before `retry_in` has passed.
     #[error("{cause}; the proxy asks again in {} s", whole_seconds(*retry_in))]
@@ -103,6 +110,7 @@ impl Error {
             | Error::Timeout(_)
             | Error::BadResponse(_)
             | Error::Busy { .. }
+            | Error::Abandoned
             | Error::BackingOff { .. } => None,
         }
     }
@@ -130,6 +138,7 @@ impl Error {
             Error::Timeout(_) => "timeout",
             Error::BadResponse(_) => "bad_response",
             Error::Busy { .. } => "busy",
+            Error::Abandoned => "abandoned",
             Error::BackingOff { .. } => "backing_off",
         }
     }

@@ -95,7 +95,9 @@ impl Policy {
     ///   4 s, ...) capped at [`Policy::max_failure_window`];
     /// - 401, 403, 404, 400/422, other statuses, an unusable answer:
     ///   [`Policy::refusal_window`], so requests stop hammering a refusal;
-    /// - the proxy's own in-flight limit: none (the API server said nothing).
+    /// - the proxy's own in-flight limit (including a TokenRequest cut short
+    ///   by waiting for a slot) and an abandoned mint: none (the API server
+    ///   said nothing).
     pub(crate) fn failure_window(&self, attempt: u32, error: &Error) -> Option<Duration> {
         match error {
             Error::RateLimited { retry_after } => Some(
@@ -111,7 +113,7 @@ impl Policy {
             | Error::Invalid { .. }
             | Error::Unexpected { .. }
             | Error::BadResponse(_) => Some(self.refusal_window),
-            Error::Busy { .. } | Error::BackingOff { .. } => None,
+            Error::Busy { .. } | Error::Abandoned | Error::BackingOff { .. } => None,
         }
     }
 }
@@ -223,5 +225,6 @@ mod tests {
             timeout: Duration::from_secs(4),
         };
         assert_eq!(window(0, &busy), None);
+        assert_eq!(window(0, &Error::Abandoned), None);
     }
 }

@@ -90,6 +90,10 @@ pub enum Fault {
     Delay(Duration),
     /// Never answer (the connection is closed when the server is dropped).
     Hang,
+    /// Wait until [`FakeApiServer::release_held`], then answer normally
+    /// (at once once released). [`FakeApiServer::wait_for_held`] sees how
+    /// many are waiting, so a test can hold requests in flight together.
+    Hold,
 }
 
 struct State {
@@ -109,6 +113,9 @@ struct State {
     /// Authenticated requests for the discovery document, counted on arrival.
     discovery_requests: watch::Sender<usize>,
     discovery_faults: Mutex<VecDeque<(Fault, usize)>>,
+    /// Requests held by [`Fault::Hold`] so far, and whether they are released.
+    held: watch::Sender<usize>,
+    released: watch::Sender<bool>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -157,6 +164,8 @@ impl FakeApiServer {
             latency: Mutex::new(Duration::ZERO),
             discovery_requests: watch::Sender::new(0),
             discovery_faults: Mutex::new(VecDeque::new()),
+            held: watch::Sender::new(0),
+            released: watch::Sender::new(false),
             shutdown,
         });
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -299,6 +308,27 @@ impl FakeApiServer {
         if times > 0 {
             lock(&self.state.faults).push_back((fault, times));
         }
+    }
+
+    /// Waits until `n` requests are (or were) held by [`Fault::Hold`];
+    /// panics after `deadline`.
+    pub async fn wait_for_held(&self, n: usize, deadline: Duration) {
+        let mut held = self.state.held.subscribe();
+        let in_time = matches!(
+            tokio::time::timeout(deadline, held.wait_for(|count| *count >= n)).await,
+            Ok(Ok(_))
+        );
+        assert!(
+            in_time,
+            "{n} held requests expected within {deadline:?}, {} held",
+            *self.state.held.borrow()
+        );
+    }
+
+    /// Lets every request held by [`Fault::Hold`] go on, and every later
+    /// one pass at once.
+    pub fn release_held(&self) {
+        self.state.released.send_replace(true);
     }
 
     pub fn clear_faults(&self) {
@@ -511,6 +541,7 @@ async fn token_request(
                 return too_many_requests(retry_after_secs);
             }
             Fault::Delay(d) => tokio::time::sleep(d).await,
+            Fault::Hold => hold(state).await,
             Fault::Hang => {
                 let mut rx = state.shutdown.subscribe();
                 let _ = rx.wait_for(|stopped| *stopped).await;
@@ -712,6 +743,7 @@ async fn discovery(state: &State, method: &Method) -> Response<Full<Bytes>> {
                 return too_many_requests(retry_after_secs);
             }
             Fault::Delay(d) => tokio::time::sleep(d).await,
+            Fault::Hold => hold(state).await,
             Fault::Hang => {
                 let mut rx = state.shutdown.subscribe();
                 let _ = rx.wait_for(|stopped| *stopped).await;
@@ -730,6 +762,13 @@ async fn discovery(state: &State, method: &Method) -> Response<Full<Bytes>> {
             "id_token_signing_alg_values_supported": ["RS256"],
         }),
     )
+}
+
+/// [`Fault::Hold`]: counted as held, then waits for the release.
+async fn hold(state: &State) {
+    let mut released = state.released.subscribe();
+    state.held.send_modify(|count| *count += 1);
+    let _ = released.wait_for(|released| *released).await;
 }
 
 fn take_fault(state: &State) -> Option<Fault> {

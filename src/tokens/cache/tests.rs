@@ -1,5 +1,6 @@
 //! The cache against a scripted token source, on a paused clock.
 
+mod cancelled;
 mod limits;
 
 use super::*;
@@ -18,6 +19,8 @@ struct Scripted {
     answered: Arc<tokio::sync::watch::Sender<Vec<Instant>>>,
     script: Arc<Mutex<VecDeque<Result<Duration, Error>>>>,
     delay: Duration,
+    /// Calls started, answered or not (a dropped call never answers).
+    started: Arc<AtomicUsize>,
     /// Calls running now, and the most that ever ran at once.
     in_flight: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
@@ -29,6 +32,7 @@ impl Default for Scripted {
             answered: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
             script: Arc::default(),
             delay: Duration::ZERO,
+            started: Arc::default(),
             in_flight: Arc::default(),
             max_in_flight: Arc::default(),
         }
@@ -53,6 +57,10 @@ impl Scripted {
         self.answered.borrow().len()
     }
 
+    fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
     /// Waits (up to [`DEADLINE`]) until `n` calls have been answered and
     /// returns when each was. A background refresh acts on an answer in
     /// the poll in which it gets it (storing the token, or starting its
@@ -71,6 +79,7 @@ impl Scripted {
 
 impl TokenSource for Scripted {
     async fn mint(&self, audience: &Audience) -> Result<IssuedToken, Error> {
+        self.started.fetch_add(1, Ordering::SeqCst);
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let _running = Running(self.in_flight.clone());

@@ -155,15 +155,66 @@ async fn waiting_for_a_slot_counts_against_the_request_timeout() {
     });
     tokio::task::yield_now().await;
     // Waits 3 s for the slot; the TokenRequest gets the 1 s that is left
-    // of the 4 s and does not make it.
+    // of the 4 s and does not make it. The proxy's own limit cut it short,
+    // not the API server: the proxy is busy, no back-off window opens.
     let second = cache.get(&aud("b")).await.unwrap_err();
     assert_eq!(
-        *cause(&second),
-        Error::Timeout(Duration::from_secs(1)),
+        *second,
+        Error::Busy {
+            limit: 1,
+            timeout: Duration::from_secs(4)
+        },
         "{second}"
     );
     assert_eq!(Instant::now().duration_since(start), Duration::from_secs(4));
     assert!(first.await.unwrap().is_ok());
+    // The next request for b asks the (healthy) API server again at once.
+    assert_eq!(source.started(), 2);
+    assert_eq!(cache.get(&aud("b")).await.unwrap().expose_secret(), "b-2");
+    assert_eq!(source.started(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_a_slot_never_opens_a_back_off_window() {
+    // The slot holder takes all but 1 ms of the timeout: whatever is left
+    // for the next TokenRequest, a timeout of it is the proxy's limit.
+    let source = Scripted {
+        delay: Duration::from_millis(3_999),
+        ..Default::default()
+    };
+    let cache = TokenCache::new(
+        source.clone(),
+        Limits {
+            max_in_flight: 1,
+            ..limits()
+        },
+    );
+    let first = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get(&aud("a")).await }
+    });
+    tokio::task::yield_now().await;
+    let error = cache.get(&aud("b")).await.unwrap_err();
+    assert_eq!(error.kind(), "busy", "{error}");
+    assert_eq!(error.retry_in(), None, "no window: {error}");
+    assert!(first.await.unwrap().is_ok());
+    assert!(cache.get(&aud("b")).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_request_that_had_the_whole_timeout_backs_off() {
+    // No wait for a slot: a TokenRequest that outlasts the 4 s is the API
+    // server's, and opens the window (1 s for a first timeout).
+    let source = Scripted {
+        delay: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let cache = TokenCache::new(source.clone(), limits());
+    let error = cache.get(&aud("a")).await.unwrap_err();
+    assert_eq!(*cause(&error), Error::Timeout(Duration::from_secs(4)));
+    assert_eq!(error.retry_in(), Some(Duration::from_secs(1)));
+    assert!(cache.get(&aud("a")).await.is_err());
+    assert_eq!(source.started(), 1);
 }
 
 #[tokio::test(start_paused = true)]
