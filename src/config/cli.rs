@@ -305,7 +305,8 @@ pub struct Cli {
 
     /// Most leaf certificates (host names) held at once; names beyond it
     /// are refused. Every SDS path counts, and names that differ only in
-    /// case or a trailing dot count once.
+    /// case or a trailing dot count once; beyond each name's first
+    /// spelling, at most 4 x N (at least 64) other spellings are held in all.
     #[arg(
         long,
         env = "KUBE_AUDIENCE_PROXY_MAX_CERTIFICATES",
