@@ -116,7 +116,8 @@ fn addresses_in(file: &Path) -> Vec<(String, IpAddr, u16)> {
 
 #[test]
 fn every_shipped_envoy_address_is_loopback() {
-    // deploy/sidecar.yaml carries envoy/envoy.yaml verbatim (tests/deploy.rs).
+    // deploy/sidecar carries envoy/envoy.yaml verbatim, deploy/standalone with
+    // the proxy listener on 0.0.0.0 for its client pod (tests/deploy/envoy.rs).
     let mut files = shipped_configs();
     files.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/istio/envoyfilter.yaml"));
     for file in files {
