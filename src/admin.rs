@@ -1,5 +1,6 @@
 //! The admin HTTP listener: `/healthz` (the process is up) and `/readyz`
-//! (it asks the same gRPC health service Envoy can ask, so both agree).
+//! (it asks the same gRPC health service Envoy can ask, so both agree; when
+//! not ready, the body names the prefetched audiences still without a token).
 //!
 //! It may be bound to the pod IP so that the kubelet can probe it, so anyone
 //! who can reach the pod can connect. It serves nothing secret; what it must
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -22,6 +23,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_server::Health;
 use tonic_health::server::HealthService;
+
+use crate::readiness::Readiness;
 
 /// How long a client may take to send a request's headers, counted from the
 /// moment the server waits for them: on a new connection and between
@@ -48,22 +51,32 @@ const MAX_BUF_SIZE: usize = 8 * 1024;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The router, served by [`serve`].
-pub(crate) fn router(health: HealthService) -> Router {
+pub(crate) fn router(health: HealthService, readiness: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
         .route("/readyz", get(readyz))
+        .layer(Extension(readiness))
         .with_state(Arc::new(health))
 }
 
-async fn readyz(State(health): State<Arc<HealthService>>) -> (StatusCode, &'static str) {
+async fn readyz(
+    State(health): State<Arc<HealthService>>,
+    Extension(readiness): Extension<Readiness>,
+) -> (StatusCode, String) {
     let request = tonic::Request::new(HealthCheckRequest {
         service: String::new(),
     });
     match health.check(request).await {
         Ok(response) if response.get_ref().status == ServingStatus::Serving as i32 => {
-            (StatusCode::OK, "ready\n")
+            (StatusCode::OK, "ready\n".to_owned())
         }
-        Ok(_) | Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        Ok(_) | Err(_) => {
+            let body = match readiness.reason(tokio::time::Instant::now()) {
+                Some(reason) => format!("not ready: {reason}\n"),
+                None => "not ready\n".to_owned(),
+            };
+            (StatusCode::SERVICE_UNAVAILABLE, body)
+        }
     }
 }
 
@@ -84,9 +97,10 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 pub(crate) async fn serve(
     listener: TcpListener,
     health: HealthService,
+    readiness: Readiness,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = TowerToHyperService::new(router(health));
+    let service = TowerToHyperService::new(router(health, readiness));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)

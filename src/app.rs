@@ -16,11 +16,13 @@ use crate::ca::{CaError, CertificateAuthority};
 use crate::config::{Config, ConfigErrors, Interception};
 use crate::ext_proc::ExtProc;
 use crate::local::LocalDestinations;
+use crate::readiness::Readiness;
 use crate::sds::Sds;
 use crate::sds::certs::Certificates;
 use crate::server::{self, BindError, Listeners, ServeError};
 use crate::tokens::TokenSource;
 use crate::tokens::cache::TokenCache;
+use crate::tokens::cache::prefetch::Prefetch;
 use crate::tokens::kube::{self, ClientError, KubeTokenSource};
 
 /// EX_USAGE: the configuration (flags, files it names) is wrong.
@@ -94,6 +96,10 @@ pub struct App {
     /// Learning the API server's issuer, if it goes on in the background;
     /// stopped with the app.
     _discovery: Option<Discovery>,
+    /// Minting and refreshing `--prefetch-audience`; stopped with the app.
+    _prefetch: Prefetch,
+    /// Waits for the prefetched audiences' tokens.
+    readiness: Readiness,
 }
 
 impl App {
@@ -138,12 +144,19 @@ impl App {
                  are forwarded, so a client can reach Envoy's and the processor's ports through the proxy"
             );
         }
+        let processor = processor_refusing(&config, source, refused);
+        // In the background: the listeners are bound already, readiness
+        // waits for the tokens.
+        let prefetch = processor.token_cache().start_prefetch();
+        let readiness = Readiness::new(processor.token_cache().pinned());
         Ok(App {
-            processor: processor_refusing(&config, source, refused),
+            processor,
             sds,
             listeners,
             config,
             _discovery: discovery,
+            _prefetch: prefetch,
+            readiness,
         })
     }
 
@@ -163,6 +176,7 @@ impl App {
             self.processor,
             self.sds,
             self.listeners,
+            self.readiness,
             self.config.server.shutdown_delay,
             shutdown,
         )
@@ -207,7 +221,7 @@ fn processor_refusing<S: TokenSource>(
         .unwrap_or_default();
     ExtProc::new(
         config.audience.clone(),
-        TokenCache::new(source, config.cache),
+        TokenCache::with_prefetch(source, config.cache, &config.prefetch),
         config.tokens.on_token_error,
         hosts,
         config.local_destinations,

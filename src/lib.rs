@@ -34,6 +34,7 @@ mod ext_proc;
 mod intercept;
 mod local;
 mod moka_ext;
+mod readiness;
 mod sds;
 mod secret;
 mod server;

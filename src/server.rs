@@ -3,7 +3,8 @@
 //! [`Listeners::bind`] binds before anything is spawned (tests bind port 0
 //! and read the address back). [`serve`] serves ext_proc and grpc.health.v1 on
 //! the gRPC listener and the admin endpoints on the admin listener until the
-//! shutdown future completes, then: health goes NOT_SERVING, the processor
+//! shutdown future completes. The server's health (`""`) follows
+//! [`Readiness`] from the moment both serve. At shutdown: health goes NOT_SERVING, the processor
 //! keeps serving for the drain delay (so Envoy stops sending first), stops
 //! accepting, waits for in-flight streams (bounded), and returns.
 
@@ -21,6 +22,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::config::ListenAddress;
 use crate::ext_proc::ExtProc;
+use crate::readiness::Readiness;
 use crate::sds::Sds;
 use crate::tokens::TokenSource;
 
@@ -138,13 +140,15 @@ pub(crate) async fn serve<S: TokenSource>(
     processor: ExtProc<S>,
     sds: Option<Sds>,
     listeners: Listeners,
+    readiness: Readiness,
     shutdown_delay: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let reporter = HealthReporter::new();
     let health = || HealthService::from_health_reporter(reporter.clone());
+    // Not ready until `readiness` says so, once the listeners serve.
     reporter
-        .set_service_status("", ServingStatus::Serving)
+        .set_service_status("", ServingStatus::NotServing)
         .await;
     reporter
         .set_serving::<ExternalProcessorServer<ExtProc<S>>>()
@@ -160,6 +164,7 @@ pub(crate) async fn serve<S: TokenSource>(
     let admin = tokio::spawn(crate::admin::serve(
         listeners.admin,
         health(),
+        readiness.clone(),
         stopped(stop_rx.clone()),
     ));
 
@@ -181,8 +186,12 @@ pub(crate) async fn serve<S: TokenSource>(
         }
     };
     tracing::info!(grpc = %grpc_address, "serving ext_proc and grpc.health.v1");
+    let ready = tokio::spawn(readiness.report(reporter.clone()));
 
     shutdown.await;
+    ready.abort();
+    // The reporter may be setting a status right now; wait until it has.
+    let _ = ready.await;
     tracing::info!(delay = ?shutdown_delay, "shutting down: reporting NOT_SERVING, then draining");
     reporter
         .set_service_status("", ServingStatus::NotServing)

@@ -227,6 +227,21 @@ pub struct Cli {
     #[arg(long, env = "KUBE_AUDIENCE_PROXY_ALLOW_APISERVER_AUDIENCE")]
     pub allow_apiserver_audience: bool,
 
+    /// Audience whose token is minted at startup and refreshed on a timer
+    /// (at 80 % of its lifetime) even when no request uses it; it never
+    /// ages out. Readiness (/readyz, gRPC health) waits until every one
+    /// holds a valid token, and stays ready while they do, API server
+    /// outages included. Must pass --allowed-audience, must not be an API
+    /// server audience, counts against --max-audiences. Repeatable
+    /// (comma-separated in the environment).
+    #[arg(
+        long,
+        env = "KUBE_AUDIENCE_PROXY_PREFETCH_AUDIENCES",
+        value_name = "AUDIENCE",
+        value_delimiter = ','
+    )]
+    pub prefetch_audience: Vec<String>,
+
     /// On SIGTERM/SIGINT, keep serving this long (reporting NOT_SERVING) so
     /// Envoy stops sending first, then drain in-flight streams and exit.
     #[arg(

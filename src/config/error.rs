@@ -101,6 +101,19 @@ pub enum ConfigError {
         humantime::format_duration(MAX_TOKEN_REQUEST_TIMEOUT)
     )]
     TokenRequestTimeout(Duration),
+    /// Bad prefetch audience (one per flag).
+    #[error("--prefetch-audience: {0}")]
+    PrefetchAudience(audience::Rejection),
+    /// A prefetch audience is one of the API server's own.
+    #[error(
+        "--prefetch-audience {0:?} is an audience of the Kubernetes API server itself: its token would act as the ServiceAccount against the API server; name the target's audience instead (or pass --allow-apiserver-audience if that is really meant)"
+    )]
+    PrefetchAudienceIsApiServer(String),
+    /// More prefetched audiences than the cache holds.
+    #[error(
+        "{count} --prefetch-audience values do not fit in --max-audiences {max}: prefetched audiences count against it"
+    )]
+    TooManyPrefetchAudiences { count: u64, max: u64 },
 }
 
 /// Every invalid setting of a command line, reported together so an

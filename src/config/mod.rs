@@ -4,6 +4,7 @@
 
 mod cli;
 mod error;
+mod prefetch;
 #[cfg(test)]
 mod tests;
 
@@ -62,6 +63,9 @@ pub struct Config {
     /// `--allow-apiserver-audience`: the API server's own audiences get
     /// tokens too (app: no refusal, no discovery).
     pub(crate) allow_apiserver_audience: bool,
+    /// `--prefetch-audience`: minted at startup, refreshed on a timer,
+    /// awaited by readiness (app).
+    pub(crate) prefetch: Vec<Audience>,
 }
 
 impl Config {
@@ -168,6 +172,7 @@ impl TryFrom<Cli> for Config {
             level: cli.log_level,
             format: cli.log_format,
         };
+        let prefetch = prefetch::prefetch_audiences(&cli, audience.as_ref(), &mut errors);
         let config = (|| {
             Some(Config {
                 kube: kube?,
@@ -179,6 +184,7 @@ impl TryFrom<Cli> for Config {
                 server: server?,
                 telemetry,
                 allow_apiserver_audience: apiserver_ok.map(|()| cli.allow_apiserver_audience)?,
+                prefetch: prefetch?,
             })
         })();
         errors.finish(config)

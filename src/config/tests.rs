@@ -277,6 +277,9 @@ fn every_invalid_flag_is_reported_at_once() {
             ConfigError::DefaultAudienceIsApiServer(_) => "default-audience-apiserver",
             ConfigError::RuleAudienceIsApiServer { .. } => "audience-rule-apiserver",
             ConfigError::TokenRequestTimeout(_) => "token-request-timeout",
+            ConfigError::PrefetchAudience(_) => "prefetch-audience",
+            ConfigError::PrefetchAudienceIsApiServer(_) => "prefetch-audience-apiserver",
+            ConfigError::TooManyPrefetchAudiences { .. } => "prefetch-audience-count",
         })
         .collect();
     assert_eq!(

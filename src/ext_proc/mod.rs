@@ -125,6 +125,11 @@ impl<S: TokenSource> ExtProc<S> {
         }
     }
 
+    /// The token cache (for the prefetch tasks and readiness).
+    pub(crate) fn token_cache(&self) -> &TokenCache<S> {
+        &self.inner.tokens
+    }
+
     /// The tonic service to add to a server.
     pub fn into_service(self) -> ExternalProcessorServer<ExtProc<S>> {
         ExternalProcessorServer::new(self)

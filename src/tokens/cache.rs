@@ -42,6 +42,9 @@ use super::{Error, IssuedToken, TokenSource};
 use crate::audience::Audience;
 use crate::secret::Token;
 
+pub(crate) mod prefetch;
+use prefetch::Pinned;
+
 /// Bounds on what the cache holds and asks for (`--max-audiences`,
 /// `--audience-idle-timeout`, `--max-concurrent-token-requests`,
 /// `--token-request-timeout`).
@@ -69,6 +72,8 @@ pub struct TokenCache<S> {
     /// Back-off windows of audiences whose last mint failed.
     failures: Failures,
     policy: Policy,
+    /// The prefetched audiences' tokens (outside `entries`).
+    pinned: Pinned,
 }
 
 impl<S> Clone for TokenCache<S> {
@@ -79,6 +84,7 @@ impl<S> Clone for TokenCache<S> {
             flights: self.flights.clone(),
             failures: self.failures.clone(),
             policy: self.policy,
+            pinned: self.pinned.clone(),
         }
     }
 }
@@ -134,9 +140,20 @@ impl<S: TokenSource> TokenCache<S> {
     /// A cache over `source` with the refresh [`Policy`] of the kubelet's
     /// token manager.
     pub fn new(source: S, limits: Limits) -> TokenCache<S> {
+        TokenCache::with_prefetch(source, limits, &[])
+    }
+
+    /// [`TokenCache::new`], with `prefetch` held apart (see [`prefetch`]):
+    /// they take their places of `limits.max_audiences`, and their tokens
+    /// are minted and refreshed once [`TokenCache::start_prefetch`] runs.
+    pub fn with_prefetch(source: S, limits: Limits, prefetch: &[Audience]) -> TokenCache<S> {
         let policy = Policy::default();
+        let pinned = Pinned::new(prefetch);
+        let others = limits
+            .max_audiences
+            .saturating_sub(u64::try_from(pinned.len()).unwrap_or(u64::MAX));
         let entries = moka::future::Cache::builder()
-            .max_capacity(limits.max_audiences)
+            .max_capacity(others)
             .time_to_idle(limits.idle_timeout)
             .build();
         TokenCache {
@@ -145,11 +162,16 @@ impl<S: TokenSource> TokenCache<S> {
             flights: Flights::default(),
             failures: Failures::new(limits.max_audiences, policy),
             policy,
+            pinned,
         }
     }
 
     /// A usable token for `audience`, minting one if needed.
     pub async fn get(&self, audience: &Audience) -> Result<Token, Arc<Error>> {
+        // A prefetched audience: its task refreshes it, requests only read.
+        if let Some(current) = self.pinned.usable(audience, Instant::now()) {
+            return Ok(current.token);
+        }
         if let Some(entry) = self.entries.get(audience).await {
             let current = entry.current();
             let now = Instant::now();
@@ -198,6 +220,9 @@ impl<S: TokenSource> TokenCache<S> {
         {
             return Ok(entry);
         }
+        if let Some(current) = self.pinned.usable(audience, Instant::now()) {
+            return Ok(Entry::detached(current));
+        }
         if let Some(error) = self.failures.check(audience).await {
             return Err(error);
         }
@@ -210,6 +235,9 @@ impl<S: TokenSource> TokenCache<S> {
             Ok(current) => {
                 self.failures.clear(audience).await;
                 tracing::debug!(%audience, "minted a token");
+                if self.pinned.store(audience, &current) {
+                    return Ok(Entry::detached(current));
+                }
                 let entry = Arc::new(Entry {
                     current: RwLock::new(current),
                     refreshing: AtomicBool::new(false),

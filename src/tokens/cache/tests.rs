@@ -2,6 +2,7 @@
 
 mod cancelled;
 mod limits;
+mod prefetch;
 
 use super::*;
 use std::collections::VecDeque;
