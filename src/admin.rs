@@ -1,5 +1,6 @@
-//! The admin HTTP listener: `/healthz` (the process is up) and `/readyz`
-//! (it asks the same gRPC health service Envoy can ask, so both agree).
+//! The admin HTTP listener: `/healthz` (the process is up), `/readyz`
+//! (it asks the same gRPC health service Envoy can ask, so both agree) and
+//! `/metrics` (Prometheus, OpenMetrics text; see [`crate::metrics`]).
 //!
 //! It may be bound to the pod IP so that the kubelet can probe it, so anyone
 //! who can reach the pod can connect. It serves nothing secret; what it must
@@ -12,6 +13,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -22,6 +24,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_server::Health;
 use tonic_health::server::HealthService;
+
+use crate::metrics::{self, Registry};
 
 /// How long a client may take to send a request's headers, counted from the
 /// moment the server waits for them: on a new connection and between
@@ -48,11 +52,28 @@ const MAX_BUF_SIZE: usize = 8 * 1024;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The router, served by [`serve`].
-pub(crate) fn router(health: HealthService) -> Router {
+pub(crate) fn router(health: HealthService, registry: Arc<Registry>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
         .route("/readyz", get(readyz))
         .with_state(Arc::new(health))
+        .route("/metrics", get(move || metrics(registry.clone())))
+}
+
+/// `GET /metrics`: the OpenMetrics text exposition.
+async fn metrics(registry: Arc<Registry>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match registry.encode() {
+        Ok(body) => ([(CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response(),
+        Err(_) => {
+            tracing::warn!("cannot encode the metrics");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics\n",
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn readyz(State(health): State<Arc<HealthService>>) -> (StatusCode, &'static str) {
@@ -84,9 +105,10 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 pub(crate) async fn serve(
     listener: TcpListener,
     health: HealthService,
+    registry: Arc<Registry>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = TowerToHyperService::new(router(health));
+    let service = TowerToHyperService::new(router(health, registry));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)

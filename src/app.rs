@@ -16,6 +16,7 @@ use crate::ca::{CaError, CertificateAuthority};
 use crate::config::{Config, ConfigErrors, Interception};
 use crate::ext_proc::ExtProc;
 use crate::local::LocalDestinations;
+use crate::metrics::{Metrics, Registry};
 use crate::sds::Sds;
 use crate::sds::certs::Certificates;
 use crate::server::{self, BindError, Listeners, ServeError};
@@ -91,6 +92,8 @@ pub struct App {
     sds: Option<Sds>,
     listeners: Listeners,
     config: Config,
+    /// What `/metrics` serves.
+    registry: Arc<Registry>,
     /// Learning the API server's issuer, if it goes on in the background;
     /// stopped with the app.
     _discovery: Option<Discovery>,
@@ -138,11 +141,25 @@ impl App {
                  are forwarded, so a client can reach Envoy's and the processor's ports through the proxy"
             );
         }
+        // Metrics: the families the processor and cache count into, the
+        // cache's per-audience gauges, and the certificate metrics.
+        let metrics = Arc::new(Metrics::default());
+        let mut registry = Registry::new(&metrics);
+        let processor = processor_counting(&config, source, refused, metrics);
+        registry.register_collector(Box::new(processor.token_gauges()));
+        if let Some(sds) = &sds {
+            let certs = sds.certificates();
+            certs
+                .counters
+                .metrics
+                .register(&mut registry, certs.ca_not_after());
+        }
         Ok(App {
-            processor: processor_refusing(&config, source, refused),
+            processor,
             sds,
             listeners,
             config,
+            registry: Arc::new(registry),
             _discovery: discovery,
         })
     }
@@ -163,6 +180,7 @@ impl App {
             self.processor,
             self.sds,
             self.listeners,
+            self.registry,
             self.config.server.shutdown_delay,
             shutdown,
         )
@@ -200,6 +218,16 @@ fn processor_refusing<S: TokenSource>(
     source: S,
     refused: Option<ApiServerAudiences>,
 ) -> ExtProc<S> {
+    processor_counting(config, source, refused, Arc::default())
+}
+
+/// [`processor_refusing`], counting into `metrics`.
+fn processor_counting<S: TokenSource>(
+    config: &Config,
+    source: S,
+    refused: Option<ApiServerAudiences>,
+    metrics: Arc<Metrics>,
+) -> ExtProc<S> {
     let hosts = config
         .interception
         .as_ref()
@@ -207,7 +235,7 @@ fn processor_refusing<S: TokenSource>(
         .unwrap_or_default();
     ExtProc::new(
         config.audience.clone(),
-        TokenCache::new(source, config.cache),
+        TokenCache::with_metrics(source, config.cache, metrics),
         config.tokens.on_token_error,
         hosts,
         config.local_destinations,

@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
@@ -21,6 +22,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::config::ListenAddress;
 use crate::ext_proc::ExtProc;
+use crate::metrics::Registry;
 use crate::sds::Sds;
 use crate::tokens::TokenSource;
 
@@ -138,6 +140,7 @@ pub(crate) async fn serve<S: TokenSource>(
     processor: ExtProc<S>,
     sds: Option<Sds>,
     listeners: Listeners,
+    registry: Arc<Registry>,
     shutdown_delay: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
@@ -160,6 +163,7 @@ pub(crate) async fn serve<S: TokenSource>(
     let admin = tokio::spawn(crate::admin::serve(
         listeners.admin,
         health(),
+        registry,
         stopped(stop_rx.clone()),
     ));
 
