@@ -2,6 +2,7 @@
 
 mod cancelled;
 mod limits;
+mod metrics;
 
 use super::*;
 use std::collections::VecDeque;
