@@ -1,6 +1,7 @@
-//! The admin HTTP listener: `/healthz` (the process is up) and `/readyz`
+//! The admin HTTP listener: `/healthz` (the process is up), `/readyz`
 //! (it asks the same gRPC health service Envoy can ask, so both agree; when
-//! not ready, the body names the prefetched audiences still without a token).
+//! not ready, the body names the prefetched audiences still without a token)
+//! and `/metrics` (Prometheus, OpenMetrics text; see [`crate::metrics`]).
 //!
 //! It may be bound to the pod IP so that the kubelet can probe it, so anyone
 //! who can reach the pod can connect. It serves nothing secret; what it must
@@ -13,6 +14,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Extension, State};
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -24,6 +26,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_server::Health;
 use tonic_health::server::HealthService;
 
+use crate::metrics::{self, Registry};
 use crate::readiness::Readiness;
 
 /// How long a client may take to send a request's headers, counted from the
@@ -51,12 +54,33 @@ const MAX_BUF_SIZE: usize = 8 * 1024;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The router, served by [`serve`].
-pub(crate) fn router(health: HealthService, readiness: Readiness) -> Router {
+pub(crate) fn router(
+    health: HealthService,
+    readiness: Readiness,
+    registry: Arc<Registry>,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
         .route("/readyz", get(readyz))
         .layer(Extension(readiness))
         .with_state(Arc::new(health))
+        .route("/metrics", get(move || metrics(registry.clone())))
+}
+
+/// `GET /metrics`: the OpenMetrics text exposition.
+async fn metrics(registry: Arc<Registry>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match registry.encode() {
+        Ok(body) => ([(CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response(),
+        Err(_) => {
+            tracing::warn!("cannot encode the metrics");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics\n",
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn readyz(
@@ -98,9 +122,10 @@ pub(crate) async fn serve(
     listener: TcpListener,
     health: HealthService,
     readiness: Readiness,
+    registry: Arc<Registry>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = TowerToHyperService::new(router(health, readiness));
+    let service = TowerToHyperService::new(router(health, readiness, registry));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)

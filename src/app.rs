@@ -16,6 +16,7 @@ use crate::ca::{CaError, CertificateAuthority};
 use crate::config::{Config, ConfigErrors, Interception};
 use crate::ext_proc::ExtProc;
 use crate::local::LocalDestinations;
+use crate::metrics::{Metrics, Registry};
 use crate::readiness::Readiness;
 use crate::sds::Sds;
 use crate::sds::certs::Certificates;
@@ -93,6 +94,8 @@ pub struct App {
     sds: Option<Sds>,
     listeners: Listeners,
     config: Config,
+    /// What `/metrics` serves.
+    registry: Arc<Registry>,
     /// Learning the API server's issuer, if it goes on in the background;
     /// stopped with the app.
     _discovery: Option<Discovery>,
@@ -144,7 +147,19 @@ impl App {
                  are forwarded, so a client can reach Envoy's and the processor's ports through the proxy"
             );
         }
-        let processor = processor_refusing(&config, source, refused);
+        // Metrics: the families the processor and cache count into, the
+        // cache's per-audience gauges, and the certificate metrics.
+        let metrics = Arc::new(Metrics::default());
+        let mut registry = Registry::new(&metrics);
+        let processor = processor_counting(&config, source, refused, metrics);
+        registry.register_collector(Box::new(processor.token_gauges()));
+        if let Some(sds) = &sds {
+            let certs = sds.certificates();
+            certs
+                .counters
+                .metrics
+                .register(&mut registry, certs.ca_not_after());
+        }
         // In the background: the listeners are bound already, readiness
         // waits for the tokens.
         let prefetch = processor.token_cache().start_prefetch();
@@ -154,6 +169,7 @@ impl App {
             sds,
             listeners,
             config,
+            registry: Arc::new(registry),
             _discovery: discovery,
             _prefetch: prefetch,
             readiness,
@@ -177,6 +193,7 @@ impl App {
             self.sds,
             self.listeners,
             self.readiness,
+            self.registry,
             self.config.server.shutdown_delay,
             shutdown,
         )
@@ -214,6 +231,16 @@ fn processor_refusing<S: TokenSource>(
     source: S,
     refused: Option<ApiServerAudiences>,
 ) -> ExtProc<S> {
+    processor_counting(config, source, refused, Arc::default())
+}
+
+/// [`processor_refusing`], counting into `metrics`.
+fn processor_counting<S: TokenSource>(
+    config: &Config,
+    source: S,
+    refused: Option<ApiServerAudiences>,
+    metrics: Arc<Metrics>,
+) -> ExtProc<S> {
     let hosts = config
         .interception
         .as_ref()
@@ -221,7 +248,7 @@ fn processor_refusing<S: TokenSource>(
         .unwrap_or_default();
     ExtProc::new(
         config.audience.clone(),
-        TokenCache::with_prefetch(source, config.cache, &config.prefetch),
+        TokenCache::build(source, config.cache, &config.prefetch, metrics),
         config.tokens.on_token_error,
         hosts,
         config.local_destinations,

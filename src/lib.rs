@@ -33,6 +33,7 @@ mod destination;
 mod ext_proc;
 mod intercept;
 mod local;
+mod metrics;
 mod moka_ext;
 mod readiness;
 mod sds;

@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
@@ -22,6 +23,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::config::ListenAddress;
 use crate::ext_proc::ExtProc;
+use crate::metrics::Registry;
 use crate::readiness::Readiness;
 use crate::sds::Sds;
 use crate::tokens::TokenSource;
@@ -141,6 +143,7 @@ pub(crate) async fn serve<S: TokenSource>(
     sds: Option<Sds>,
     listeners: Listeners,
     readiness: Readiness,
+    registry: Arc<Registry>,
     shutdown_delay: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
@@ -165,6 +168,7 @@ pub(crate) async fn serve<S: TokenSource>(
         listeners.admin,
         health(),
         readiness.clone(),
+        registry,
         stopped(stop_rx.clone()),
     ));
 

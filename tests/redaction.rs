@@ -1,7 +1,9 @@
 //! No token or credential ever appears in the processor's output: run the
 //! real binary at the most verbose level, in both log formats, through
 //! successful, refused and failing requests, then search its whole output
-//! for every token the API server issued and for the proxy's own credential.
+//! for every token the API server issued and for the proxy's own credential;
+//! the same for `/metrics` scraped after those requests, and for the
+//! interception CA's private key.
 
 mod support;
 
@@ -15,9 +17,18 @@ async fn exercise(format: &str) {
     let api = FakeApiServer::start(ApiServerOptions::default()).await;
     let upstream = Upstream::start(api.verifier()).await;
     let kubeconfig = support::Kubeconfig::of(&api);
-    let processor = Processor::start(
-        &kubeconfig.path,
+    // Interception with a CA key file the processor creates, so the test
+    // knows the key it must never find in the output or the metrics.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = dir.path().join("ca.key");
+    let args = support::intercept_args(
+        &dir.path().join("ca.crt"),
+        &["localhost"],
         &[
+            "--ca-key-file",
+            ca_key.to_str().unwrap(),
+            "--ca-cert-file",
+            dir.path().join("ca.pem").to_str().unwrap(),
             "--log-level",
             "all",
             "--log-format",
@@ -25,8 +36,9 @@ async fn exercise(format: &str) {
             "--allowed-audience",
             "ok-*",
         ],
-    )
-    .await;
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let processor = Processor::start(&kubeconfig.path, &args).await;
     let mut config = envoy::shipped_config();
     envoy::point_at_processor(&mut config, &processor.grpc);
     let envoy = Envoy::start(&config).await;
@@ -63,7 +75,26 @@ async fn exercise(format: &str) {
     let failed = get("kubernetes-audience=ok-4", vec![]).await;
     assert_eq!(failed.status, 503);
 
+    let metrics = curl::get(&format!("http://{}/metrics", processor.admin)).await;
+    assert_eq!(metrics.0, 200);
+    assert!(
+        metrics
+            .1
+            .contains("kube_audience_proxy_requests_total{outcome=\"injected\"} 3"),
+        "the scrape saw the requests:\n{}",
+        metrics.1
+    );
     let (status, logs) = processor.terminate().await;
+    let key_pem = std::fs::read_to_string(&ca_key).unwrap();
+    let key_lines: Vec<&str> = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 16)
+        .collect();
+    assert!(!key_lines.is_empty(), "the CA key was written");
+    for line in key_lines {
+        assert!(!metrics.1.contains(line), "the CA key leaked into /metrics");
+        assert!(!logs.contains(line), "the CA key leaked into the log");
+    }
     assert!(status.success());
     let issued = api.issued_tokens();
     assert_eq!(issued.len(), 2, "two audiences minted");
@@ -82,10 +113,18 @@ async fn exercise(format: &str) {
         }
         assert!(!failed.body.contains(token.as_str()));
     }
+    for part in issued.iter().flat_map(|t| t.split('.').skip(1)) {
+        assert!(
+            !metrics.1.contains(part),
+            "a token part leaked into /metrics:\n{}",
+            metrics.1
+        );
+    }
     assert!(
-        !logs.contains(api.caller_token()),
+        !logs.contains(api.caller_token()) && !metrics.1.contains(api.caller_token()),
         "the proxy's own credential leaked"
     );
+    assert!(!metrics.1.contains("client-secret-value"));
     assert!(
         !logs.contains("client-secret-value"),
         "the client's credential leaked"

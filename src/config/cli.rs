@@ -55,7 +55,7 @@ pub struct Cli {
     )]
     pub grpc_listen_address: String,
 
-    /// Admin HTTP listener (/healthz, /readyz): `IP:PORT`. It serves nothing
+    /// Admin HTTP listener (/healthz, /readyz, /metrics): `IP:PORT`. It serves nothing
     /// secret, so it may sit on the pod IP for kubelet probes.
     #[arg(
         long,

@@ -10,6 +10,7 @@
 //! the stream with `INVALID_ARGUMENT`.
 
 pub(crate) mod decision;
+pub(crate) mod outcome;
 pub(crate) mod response;
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,7 @@ use crate::apiserver::ApiServerAudiences;
 use crate::audience::{self, Rules};
 use crate::intercept::InterceptHosts;
 use crate::local::LocalDestinations;
+use crate::metrics::Metrics;
 use crate::tokens::TokenSource;
 use crate::tokens::cache::TokenCache;
 use decision::{Decision, Policy, Request};
@@ -61,6 +63,8 @@ struct Inner<S> {
     policy: Policy,
     tokens: TokenCache<S>,
     on_token_error: OnTokenError,
+    /// Counts decisions and open streams (the cache's metrics).
+    metrics: Arc<Metrics>,
 }
 
 /// Header the processor sets on a CONNECT request whose host is intercepted;
@@ -119,6 +123,7 @@ impl<S: TokenSource> ExtProc<S> {
                     local,
                     apiserver,
                 },
+                metrics: tokens.metrics().clone(),
                 tokens,
                 on_token_error,
             }),
@@ -128,6 +133,11 @@ impl<S: TokenSource> ExtProc<S> {
     /// The token cache (for the prefetch tasks and readiness).
     pub(crate) fn token_cache(&self) -> &TokenCache<S> {
         &self.inner.tokens
+    }
+
+    /// The per-audience token gauges, read from this processor's cache.
+    pub(crate) fn token_gauges(&self) -> crate::tokens::cache::gauges::TokenGauges {
+        self.inner.tokens.gauges()
     }
 
     /// The tonic service to add to a server.
@@ -143,6 +153,7 @@ impl<S: TokenSource> ExtProc<S> {
     ) -> Result<ProcessingResponse, Status> {
         match message.request {
             Some(Phase::RequestHeaders(ref headers)) => {
+                let started = std::time::Instant::now();
                 let inner = &*self.inner;
                 let request = Request::scan(
                     headers,
@@ -150,13 +161,22 @@ impl<S: TokenSource> ExtProc<S> {
                     context,
                     &inner.policy.rules.header,
                 );
-                Ok(match inner.policy.decide(&request) {
-                    Decision::Answer(verdict) => decision::respond(verdict),
+                let (answer, outcome) = match inner.policy.decide(&request) {
+                    Decision::Answer(verdict) => {
+                        let outcome = outcome::of_verdict(&verdict);
+                        (decision::respond(verdict), outcome)
+                    }
                     Decision::Inject(injection) => {
                         let token = inner.tokens.get(&injection.audience).await;
-                        decision::inject(injection, token, inner.on_token_error)
+                        let outcome = outcome::of_injection(token.is_ok(), inner.on_token_error);
+                        (
+                            decision::inject(injection, token, inner.on_token_error),
+                            outcome,
+                        )
                     }
-                })
+                };
+                inner.metrics.decided(outcome, started.elapsed());
+                Ok(answer)
             }
             Some(Phase::ResponseHeaders(_)) => Ok(response::response_headers()),
             Some(Phase::RequestBody(_)) => Ok(response::request_body()),
@@ -185,9 +205,11 @@ impl<S: TokenSource> ExternalProcessor for ExtProc<S> {
         request: tonic::Request<Streaming<ProcessingRequest>>,
     ) -> Result<tonic::Response<AnswerStream>, Status> {
         let context = StreamContext::from_metadata(request.metadata());
-        let state = Some((request.into_inner(), self.clone(), context));
+        // Counted open until the answer stream is dropped (ended or reset).
+        let open = self.inner.metrics.stream_opened();
+        let state = Some((request.into_inner(), self.clone(), context, open));
         let stream = futures_util::stream::unfold(state, |state| async move {
-            let (mut inbound, processor, context) = state?;
+            let (mut inbound, processor, context, open) = state?;
             loop {
                 let message = match inbound.message().await {
                     Ok(Some(message)) => message,
@@ -205,7 +227,7 @@ impl<S: TokenSource> ExternalProcessor for ExtProc<S> {
                     continue;
                 }
                 return match processor.handle(message, &context).await {
-                    Ok(answer) => Some((Ok(answer), Some((inbound, processor, context)))),
+                    Ok(answer) => Some((Ok(answer), Some((inbound, processor, context, open)))),
                     Err(status) => Some((Err(status), None)),
                 };
             }

@@ -129,6 +129,8 @@ pub(crate) struct Counters {
     pub refused: AtomicU64,
     /// Leaves signed.
     pub minted: AtomicU64,
+    /// The same events, by reason, and the open SDS streams, for `/metrics`.
+    pub metrics: super::metrics::CertMetrics,
 }
 
 /// Called on the signing thread before each leaf is signed: lets a unit
@@ -236,7 +238,6 @@ impl Certificates {
     }
 
     /// When the CA ends (whole seconds, as signed).
-    #[cfg(test)]
     pub(crate) fn ca_not_after(&self) -> SystemTime {
         self.ca.not_after()
     }
@@ -274,6 +275,7 @@ impl Certificates {
     /// Counts and logs a refusal.
     pub(crate) fn refused(&self, name: &str, refusal: &Refusal) {
         self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        self.counters.metrics.refused(refusal);
         tracing::info!(name, %refusal, "refused a certificate");
     }
 
@@ -300,6 +302,7 @@ impl Certificates {
             .try_get_with_by_ref(key, async {
                 let minted = self.mint(leaf.clone()).await?;
                 self.counters.minted.fetch_add(1, Ordering::Relaxed);
+                self.counters.metrics.minted();
                 tracing::debug!(name = key, version = %minted.version, "minted a leaf certificate");
                 Ok::<_, Refusal>(Arc::new(minted))
             })

@@ -20,6 +20,7 @@
 //! is not sent again until it changes (no resend loops).
 
 pub(crate) mod certs;
+pub(crate) mod metrics;
 mod sotw;
 
 use std::collections::HashMap;
@@ -58,6 +59,11 @@ impl Sds {
         }
     }
 
+    /// The certificate store (its metrics are registered at startup).
+    pub(crate) fn certificates(&self) -> &Arc<Certificates> {
+        &self.certs
+    }
+
     /// Ends every open stream (SDS streams live as long as Envoy does, so a
     /// graceful shutdown would otherwise wait for them forever).
     pub(crate) fn close_streams(&self) {
@@ -81,7 +87,13 @@ impl Sds {
             certs: self.certs.clone(),
             closing: self.closing.subscribe(),
         };
-        tokio::spawn(serve(env, tx));
+        // Counted open for as long as the stream's loop runs.
+        let open = crate::metrics::OpenGuard::new(self.certs.counters.metrics.streams.clone());
+        let serving = serve(env, tx);
+        tokio::spawn(async move {
+            serving.await;
+            drop(open);
+        });
         Response::new(Box::pin(ReceiverStream::new(rx)))
     }
 }

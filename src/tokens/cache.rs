@@ -40,6 +40,7 @@ use super::limit::Limited;
 use super::schedule::Policy;
 use super::{Error, IssuedToken, TokenSource};
 use crate::audience::Audience;
+use crate::metrics::Metrics;
 use crate::secret::Token;
 
 pub(crate) mod prefetch;
@@ -74,6 +75,8 @@ pub struct TokenCache<S> {
     policy: Policy,
     /// The prefetched audiences' tokens (outside `entries`).
     pinned: Pinned,
+    /// Hits, misses, coalesced waits, evictions, TokenRequests.
+    metrics: Arc<Metrics>,
 }
 
 impl<S> Clone for TokenCache<S> {
@@ -85,6 +88,7 @@ impl<S> Clone for TokenCache<S> {
             failures: self.failures.clone(),
             policy: self.policy,
             pinned: self.pinned.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -99,14 +103,19 @@ struct Current {
     token: Token,
     refresh_at: Instant,
     usable_until: Instant,
+    /// The expiry the API server stated (the expiry gauge).
+    expires_at: SystemTime,
+    /// When this token was minted (the last-refresh gauge).
+    minted_at: SystemTime,
 }
 
 impl Current {
     fn new(issued: IssuedToken, policy: &Policy) -> Result<Current, Error> {
         let now = Instant::now();
+        let minted_at = SystemTime::now();
         let lifetime = issued
             .expires_at
-            .duration_since(SystemTime::now())
+            .duration_since(minted_at)
             .unwrap_or(Duration::ZERO);
         let usable_for = policy.usable_for(lifetime);
         if usable_for.is_zero() {
@@ -116,6 +125,8 @@ impl Current {
             token: issued.token,
             refresh_at: now + policy.refresh_after(lifetime, fastrand::f64()),
             usable_until: now + usable_for,
+            expires_at: issued.expires_at,
+            minted_at,
         })
     }
 }
@@ -140,30 +151,69 @@ impl<S: TokenSource> TokenCache<S> {
     /// A cache over `source` with the refresh [`Policy`] of the kubelet's
     /// token manager.
     pub fn new(source: S, limits: Limits) -> TokenCache<S> {
-        TokenCache::with_prefetch(source, limits, &[])
+        TokenCache::build(source, limits, &[], Arc::default())
     }
 
     /// [`TokenCache::new`], with `prefetch` held apart (see [`prefetch`]):
     /// they take their places of `limits.max_audiences`, and their tokens
     /// are minted and refreshed once [`TokenCache::start_prefetch`] runs.
     pub fn with_prefetch(source: S, limits: Limits, prefetch: &[Audience]) -> TokenCache<S> {
+        TokenCache::build(source, limits, prefetch, Arc::default())
+    }
+
+    /// As [`new`](Self::new), counting into `metrics`.
+    pub fn with_metrics(source: S, limits: Limits, metrics: Arc<Metrics>) -> TokenCache<S> {
+        TokenCache::build(source, limits, &[], metrics)
+    }
+
+    /// The cache with `prefetch` held apart, counting into `metrics`.
+    pub fn build(
+        source: S,
+        limits: Limits,
+        prefetch: &[Audience],
+        metrics: Arc<Metrics>,
+    ) -> TokenCache<S> {
         let policy = Policy::default();
         let pinned = Pinned::new(prefetch);
         let others = limits
             .max_audiences
             .saturating_sub(u64::try_from(pinned.len()).unwrap_or(u64::MAX));
+        let evictions = metrics.cache_evictions.clone();
         let entries = moka::future::Cache::builder()
             .max_capacity(others)
             .time_to_idle(limits.idle_timeout)
+            .eviction_listener(move |_, _, cause| {
+                // Size and idleness; not replacements or explicit removals.
+                if cause.was_evicted() {
+                    evictions.inc();
+                }
+            })
             .build();
         TokenCache {
-            source: Limited::new(source, limits.max_in_flight, limits.request_timeout),
+            source: Limited::new(
+                source,
+                limits.max_in_flight,
+                limits.request_timeout,
+                metrics.clone(),
+            ),
             entries,
-            flights: Flights::default(),
+            flights: Flights::counting(metrics.cache_coalesced.clone()),
             failures: Failures::new(limits.max_audiences, policy),
             policy,
             pinned,
+            metrics,
         }
+    }
+
+    /// The metrics this cache counts into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The per-audience expiry and last-refresh gauges, read from this
+    /// cache at scrape time.
+    pub(crate) fn gauges(&self) -> gauges::TokenGauges {
+        gauges::TokenGauges::new(self.entries.clone())
     }
 
     /// A usable token for `audience`, minting one if needed.
@@ -179,12 +229,14 @@ impl<S: TokenSource> TokenCache<S> {
                 if now >= current.refresh_at {
                     self.start_refresh(audience, &entry);
                 }
+                self.metrics.cache_hits.inc();
                 return Ok(current.token);
             }
             // Refreshes failed until the token became unusable: drop this
             // entry (unless another request already replaced it) and mint.
             crate::moka_ext::remove_if_same(&self.entries, audience, &entry).await;
         }
+        self.metrics.cache_misses.inc();
         if let Some(error) = self.failures.check(audience).await {
             return Err(Arc::new(error));
         }
@@ -301,5 +353,6 @@ async fn refresh<S: TokenSource>(
     }
 }
 
+pub(crate) mod gauges;
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::oneshot;
 
 use super::Error;
@@ -31,20 +32,31 @@ type Flight<T> = Shared<BoxFuture<'static, Outcome<T>>>;
 /// The mints in flight, at most one per audience. Cheap to clone.
 pub(crate) struct Flights<T> {
     running: Arc<Mutex<HashMap<Audience, Flight<T>>>>,
+    /// Callers that joined a flight already in the air.
+    joined: Counter,
 }
 
 impl<T> Clone for Flights<T> {
     fn clone(&self) -> Self {
         Flights {
             running: self.running.clone(),
+            joined: self.joined.clone(),
         }
     }
 }
 
 impl<T> Default for Flights<T> {
     fn default() -> Self {
+        Flights::counting(Counter::default())
+    }
+}
+
+impl<T> Flights<T> {
+    /// No flights, counting every join into `joined`.
+    pub(crate) fn counting(joined: Counter) -> Flights<T> {
         Flights {
             running: Arc::default(),
+            joined,
         }
     }
 }
@@ -76,7 +88,10 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
             }
         };
         let flight = match role {
-            Role::Join(flight) => flight,
+            Role::Join(flight) => {
+                self.joined.inc();
+                flight
+            }
             Role::Start(flight, land) => {
                 // Spawned outside the lock: a task dropped at once (runtime
                 // shutdown) runs its landing, which takes the lock.

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::{Error, IssuedToken, TokenSource};
 use crate::audience::Audience;
+use crate::metrics::{Metrics, TokenResult};
 
 /// A token source behind the in-flight limit. Cheap to clone (shared
 /// permits).
@@ -22,6 +23,8 @@ pub(crate) struct Limited<S> {
     permits: Arc<Semaphore>,
     limit: usize,
     timeout: Duration,
+    /// Counts and times each TokenRequest.
+    metrics: Arc<Metrics>,
 }
 
 impl<S> Clone for Limited<S> {
@@ -31,6 +34,7 @@ impl<S> Clone for Limited<S> {
             permits: self.permits.clone(),
             limit: self.limit,
             timeout: self.timeout,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -38,7 +42,12 @@ impl<S> Clone for Limited<S> {
 impl<S: TokenSource> Limited<S> {
     /// `source` with at most `limit` (at least 1) TokenRequests in flight,
     /// each given at most `timeout`, waiting included.
-    pub(crate) fn new(source: S, limit: usize, timeout: Duration) -> Limited<S> {
+    pub(crate) fn new(
+        source: S,
+        limit: usize,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Limited<S> {
         // Config validation keeps the limit between 1 and u16::MAX, far
         // below Semaphore::MAX_PERMITS; clamp anyway rather than panic.
         let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
@@ -47,6 +56,7 @@ impl<S: TokenSource> Limited<S> {
             permits: Arc::new(Semaphore::new(limit)),
             limit,
             timeout,
+            metrics,
         }
     }
 
@@ -82,10 +92,20 @@ impl<S: TokenSource> Limited<S> {
                 (permit, left, true)
             }
         };
-        match tokio::time::timeout(budget, self.source.mint(audience)).await {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(budget, self.source.mint(audience)).await {
             Ok(result) => result,
             Err(_) if waited => Err(busy()),
             Err(_) => Err(Error::Timeout(budget)),
+        };
+        // Busy is the proxy's own limit: not counted as a TokenRequest.
+        let counted = match &result {
+            Ok(_) => Some(TokenResult::Success),
+            Err(error) => TokenResult::of_error(error),
+        };
+        if let Some(counted) = counted {
+            self.metrics.token_request(counted, started.elapsed());
         }
+        result
     }
 }

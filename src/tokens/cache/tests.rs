@@ -2,6 +2,7 @@
 
 mod cancelled;
 mod limits;
+mod metrics;
 mod prefetch;
 
 use super::*;
