@@ -14,6 +14,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::Entry;
+use super::prefetch::Pinned;
 use crate::audience::Audience;
 use crate::metrics::unix_seconds;
 
@@ -24,9 +25,11 @@ struct Row {
     minted: f64,
 }
 
-/// The collector; holds a handle on the cache's entries.
+/// The collector; holds a handle on the cache's entries and on the
+/// prefetched audiences' tokens, which live outside them.
 pub(crate) struct TokenGauges {
     entries: moka::future::Cache<Audience, Arc<Entry>>,
+    pinned: Pinned,
 }
 
 impl std::fmt::Debug for TokenGauges {
@@ -36,8 +39,11 @@ impl std::fmt::Debug for TokenGauges {
 }
 
 impl TokenGauges {
-    pub(super) fn new(entries: moka::future::Cache<Audience, Arc<Entry>>) -> TokenGauges {
-        TokenGauges { entries }
+    pub(super) fn new(
+        entries: moka::future::Cache<Audience, Arc<Entry>>,
+        pinned: Pinned,
+    ) -> TokenGauges {
+        TokenGauges { entries, pinned }
     }
 }
 
@@ -55,6 +61,16 @@ impl Collector for TokenGauges {
                     minted: unix_seconds(current.minted_at),
                 }
             })
+            .chain(
+                self.pinned
+                    .held()
+                    .into_iter()
+                    .map(|(audience, current)| Row {
+                        audience: Arc::new(audience),
+                        expires: unix_seconds(current.expires_at),
+                        minted: unix_seconds(current.minted_at),
+                    }),
+            )
             .collect();
         rows.sort_by(|a, b| a.audience.as_str().cmp(b.audience.as_str()));
         family(
