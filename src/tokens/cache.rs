@@ -213,7 +213,7 @@ impl<S: TokenSource> TokenCache<S> {
     /// The per-audience expiry and last-refresh gauges, read from this
     /// cache at scrape time.
     pub(crate) fn gauges(&self) -> gauges::TokenGauges {
-        gauges::TokenGauges::new(self.entries.clone())
+        gauges::TokenGauges::new(self.entries.clone(), self.pinned.clone())
     }
 
     /// A usable token for `audience`, minting one if needed.

@@ -120,6 +120,15 @@ impl Pinned {
             .min()
     }
 
+    /// Every prefetched audience that holds a token (usable or not), for
+    /// the per-audience gauges.
+    pub(super) fn held(&self) -> Vec<(Audience, Current)> {
+        self.slots
+            .iter()
+            .filter_map(|(audience, _)| Some((audience.clone(), self.current(audience)?)))
+            .collect()
+    }
+
     /// A receiver that sees every write to a slot.
     pub(crate) fn subscribe(&self) -> watch::Receiver<()> {
         self.changed.subscribe()
