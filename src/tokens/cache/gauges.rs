@@ -3,8 +3,10 @@
 //! scrape time: one series per audience the cache holds now, so an audience
 //! that leaves the cache (evicted, idle, replaced by a failed mint) leaves
 //! the metrics with it, and there are never more series than
-//! `--max-audiences`. Only the audience (already in the logs) and two times
-//! are read; the token never is.
+//! `--max-audiences`. Prefetched audiences (held apart from the moka cache,
+//! see [`super::prefetch`]) are included once they hold a token. Only the
+//! audience (already in the logs) and two times are read; the token never
+//! is.
 
 use std::sync::Arc;
 
@@ -13,8 +15,8 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use super::Entry;
 use super::prefetch::Pinned;
+use super::{Current, Entry};
 use crate::audience::Audience;
 use crate::metrics::unix_seconds;
 
@@ -25,10 +27,10 @@ struct Row {
     minted: f64,
 }
 
-/// The collector; holds a handle on the cache's entries and on the
-/// prefetched audiences' tokens, which live outside them.
+/// The collector; holds a handle on the cache's entries.
 pub(crate) struct TokenGauges {
     entries: moka::future::Cache<Audience, Arc<Entry>>,
+    /// The prefetched audiences' tokens.
     pinned: Pinned,
 }
 
@@ -50,28 +52,25 @@ impl TokenGauges {
 impl Collector for TokenGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // One snapshot for both families, sorted for a stable exposition.
+        let row = |audience: Arc<Audience>, current: &Current| Row {
+            audience,
+            expires: unix_seconds(current.expires_at),
+            minted: unix_seconds(current.minted_at),
+        };
+        let pinned = self.pinned.held();
         let mut rows: Vec<Row> = self
             .entries
             .iter()
-            .map(|(audience, entry)| {
-                let current = entry.current();
-                Row {
-                    audience,
-                    expires: unix_seconds(current.expires_at),
-                    minted: unix_seconds(current.minted_at),
-                }
-            })
-            .chain(
-                self.pinned
-                    .held()
-                    .into_iter()
-                    .map(|(audience, current)| Row {
-                        audience: Arc::new(audience),
-                        expires: unix_seconds(current.expires_at),
-                        minted: unix_seconds(current.minted_at),
-                    }),
-            )
+            // A prefetched audience is never in `entries`; skip it anyway,
+            // so no label set can appear twice.
+            .filter(|(audience, _)| !pinned.iter().any(|(p, _)| p == audience.as_ref()))
+            .map(|(audience, entry)| row(audience, &entry.current()))
             .collect();
+        rows.extend(
+            pinned
+                .iter()
+                .map(|(audience, current)| row(Arc::new(audience.clone()), current)),
+        );
         rows.sort_by(|a, b| a.audience.as_str().cmp(b.audience.as_str()));
         family(
             &mut encoder,

@@ -83,15 +83,6 @@ impl Pinned {
         }
     }
 
-    /// Every prefetched audience that holds a token now (usable or not),
-    /// with it: for the per-audience gauges.
-    pub(super) fn held(&self) -> Vec<(Audience, Current)> {
-        self.slots
-            .iter()
-            .filter_map(|(audience, _)| Some((audience.clone(), self.current(audience)?)))
-            .collect()
-    }
-
     /// The usable token of a prefetched `audience` at `now`.
     pub(super) fn usable(&self, audience: &Audience, now: Instant) -> Option<Current> {
         self.current(audience).filter(|c| now < c.usable_until)
@@ -127,6 +118,15 @@ impl Pinned {
             .filter_map(|(audience, _)| self.usable(audience, now))
             .map(|c| c.usable_until)
             .min()
+    }
+
+    /// Every prefetched audience that holds a token (usable or not), for
+    /// the per-audience gauges.
+    pub(super) fn held(&self) -> Vec<(Audience, Current)> {
+        self.slots
+            .iter()
+            .filter_map(|(audience, _)| Some((audience.clone(), self.current(audience)?)))
+            .collect()
     }
 
     /// A receiver that sees every write to a slot.

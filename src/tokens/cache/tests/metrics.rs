@@ -81,3 +81,28 @@ async fn audiences_dropped_for_size_count_as_evictions() {
     }
     assert!(!text.contains("a-1") && !text.contains("b-2"), "{text}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn prefetched_audiences_have_gauges_too() {
+    let source = Scripted::default();
+    let cache = TokenCache::with_prefetch(source, limits(), &[aud("p")]);
+    let pinned = cache.pinned();
+    let mut changed = pinned.subscribe();
+    let _prefetch = cache.start_prefetch();
+    while !pinned.missing(Instant::now()).is_empty() {
+        changed.changed().await.unwrap();
+    }
+    cache.get(&aud("a")).await.unwrap();
+    let mut registry = crate::metrics::Registry::new(cache.metrics());
+    registry.register_collector(Box::new(cache.gauges()));
+    let text = registry.encode().unwrap();
+    for family in [
+        "kube_audience_proxy_token_expiry_timestamp_seconds",
+        "kube_audience_proxy_token_last_refresh_timestamp_seconds",
+    ] {
+        for audience in ["a", "p"] {
+            let series = format!("{family}{{audience=\"{audience}\"}}");
+            assert_eq!(text.matches(&series).count(), 1, "{series}:\n{text}");
+        }
+    }
+}

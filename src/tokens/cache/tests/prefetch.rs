@@ -281,28 +281,3 @@ async fn ready_turns_not_ready_when_the_only_token_expires() {
         "{at:?}"
     );
 }
-
-#[tokio::test(start_paused = true)]
-async fn prefetched_audiences_have_their_expiry_gauges() {
-    let source = Scripted::default();
-    let cache = prefetching(&source, &["pinned"]);
-    let _prefetch = cache.start_prefetch();
-    source.wait_for_calls(1).await;
-    // An audience minted per request too: both are in the gauges, the
-    // prefetched one although it lives outside the moka entries.
-    cache.get(&aud("other")).await.unwrap();
-    let metrics = Arc::new(crate::metrics::Metrics::default());
-    let mut registry = crate::metrics::Registry::new(&metrics);
-    registry.register_collector(Box::new(cache.gauges()));
-    let text = registry.encode().unwrap();
-    for audience in ["pinned", "other"] {
-        for family in [
-            "kube_audience_proxy_token_expiry_timestamp_seconds",
-            "kube_audience_proxy_token_last_refresh_timestamp_seconds",
-        ] {
-            let series = format!("{family}{{audience=\"{audience}\"}}");
-            assert_eq!(text.matches(&series).count(), 1, "{series} in {text}");
-        }
-    }
-    assert!(!text.contains("pinned-1"), "{text}");
-}
