@@ -84,8 +84,15 @@ impl ApiServerAudiences {
 
     /// Whether `audience` is one of the API server's (see [`key`]).
     pub(crate) fn refuses(&self, audience: &str) -> bool {
-        let key = key(audience);
-        self.read().contains(&key)
+        // Per injection: compare borrowed parts, allocate nothing.
+        let (host, path) = parts(audience);
+        self.read().iter().any(|key| {
+            key.len() == host.len() + path.len()
+                && key
+                    .get(..host.len())
+                    .is_some_and(|h| h.eq_ignore_ascii_case(host))
+                && key.get(host.len()..) == Some(path)
+        })
     }
 
     /// Adds `audience` to the set; `false` if it was already there.
@@ -114,18 +121,21 @@ impl ApiServerAudiences {
 /// or `http://`, any case), the host part lower-cased, without a trailing
 /// dot and without the port `:443`, the rest without trailing slashes.
 pub(crate) fn key(audience: &str) -> String {
+    let (host, path) = parts(audience);
+    let mut key = host.to_ascii_lowercase();
+    key.push_str(path);
+    key
+}
+
+/// The compared parts of `audience`, borrowed: the host (without scheme,
+/// `:443` and trailing dots; its case is ignored) and the path (without
+/// trailing slashes).
+fn parts(audience: &str) -> (&str, &str) {
     let rest = strip_scheme(audience);
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
-    let mut host = authority.to_ascii_lowercase();
-    if let Some(without_port) = host.strip_suffix(":443") {
-        host.truncate(without_port.len());
-    }
-    while host.ends_with('.') {
-        host.pop();
-    }
-    host.push_str(path.trim_end_matches('/'));
-    host
+    let host = authority.strip_suffix(":443").unwrap_or(authority);
+    (host.trim_end_matches('.'), path.trim_end_matches('/'))
 }
 
 fn strip_scheme(audience: &str) -> &str {

@@ -214,3 +214,13 @@ fn allowing_api_server_audiences_injects() {
     let header = get(b"/", vec![b"https://kubernetes.default.svc"], None);
     assert!(matches!(allowed.decide(&header), Decision::Inject(_)));
 }
+
+#[test]
+fn non_ascii_audiences_compare_without_splitting_a_character() {
+    let refused = ApiServerAudiences::new(Some("https://é.example"));
+    assert!(refused.refuses("https://É.example".to_lowercase().as_str()));
+    // Same total length, but the host ends inside the stored key's
+    // two-byte `é`: no panic, no match.
+    assert!(!refused.refuses("https://a/12345678"));
+    assert!(!refused.refuses("https://ab.example"));
+}
