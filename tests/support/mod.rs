@@ -11,6 +11,7 @@ pub mod envoy;
 pub mod inproc;
 pub mod jwt;
 pub mod processor;
+pub mod reliability;
 pub mod tls;
 pub mod upstream;
 
