@@ -110,6 +110,9 @@ struct State {
     statuses: Mutex<Vec<u16>>,
     faults: Mutex<VecDeque<(Fault, usize)>>,
     latency: Mutex<Duration>,
+    /// When set, tokens live this long whatever `expirationSeconds` asked
+    /// (a short-lived or clock-skewed API server); see [`FakeApiServer::set_lifetime`].
+    lifetime: Mutex<Option<Duration>>,
     /// Authenticated requests for the discovery document, counted on arrival.
     discovery_requests: watch::Sender<usize>,
     discovery_faults: Mutex<VecDeque<(Fault, usize)>>,
@@ -162,6 +165,7 @@ impl FakeApiServer {
             statuses: Mutex::new(Vec::new()),
             faults: Mutex::new(VecDeque::new()),
             latency: Mutex::new(Duration::ZERO),
+            lifetime: Mutex::new(None),
             discovery_requests: watch::Sender::new(0),
             discovery_faults: Mutex::new(VecDeque::new()),
             held: watch::Sender::new(0),
@@ -339,6 +343,15 @@ impl FakeApiServer {
     /// Latency added to every token request (before anything else).
     pub fn set_latency(&self, d: Duration) {
         *lock(&self.state.latency) = d;
+    }
+
+    /// Makes every token minted from now on expire `lifetime` after it is
+    /// issued (`exp` and `status.expirationTimestamp`), whatever
+    /// `expirationSeconds` asked and what the answer's spec echoes: how the
+    /// tests get tokens that must be refreshed within seconds, and an API
+    /// server whose clock runs ahead. `None` restores honest lifetimes.
+    pub fn set_lifetime(&self, lifetime: Option<Duration>) {
+        *lock(&self.state.lifetime) = lifetime;
     }
 
     /// Writes a kubeconfig pointing at this server with the caller token.
@@ -676,7 +689,10 @@ async fn token_request(
 
     // Mint.
     let now = now_unix();
-    let exp = now + expiration;
+    let exp = match *lock(&state.lifetime) {
+        Some(lifetime) => now + i64::try_from(lifetime.as_secs()).unwrap(),
+        None => now + expiration,
+    };
     let mut kube = Map::new();
     kube.insert("namespace".into(), json!(ns));
     kube.insert(
