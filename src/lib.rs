@@ -32,6 +32,8 @@ pub mod config;
 mod destination;
 mod ext_proc;
 mod intercept;
+#[cfg(test)]
+mod leaks;
 mod local;
 mod metrics;
 mod moka_ext;

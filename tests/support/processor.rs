@@ -39,6 +39,8 @@ pub struct Processor {
     log: Arc<watch::Sender<String>>,
     /// The tasks copying stderr and stdout into `log`; each ends at EOF.
     readers: Vec<JoinHandle<()>>,
+    /// Started under a wrapper (the processor is the child's child).
+    wrapped: bool,
 }
 
 impl Processor {
@@ -53,7 +55,26 @@ impl Processor {
     /// As [`start`](Self::start), with `common` instead of `COMMON_ARGS`
     /// (e.g. without `--allow-local-destinations`).
     pub async fn start_with(kubeconfig: &Path, common: &[&str], extra: &[&str]) -> Processor {
-        let mut command = Command::new(binary());
+        Processor::spawn(Command::new(binary()), false, kubeconfig, common, extra).await
+    }
+
+    /// As [`start`](Self::start), under `wrapper` (e.g. `strace -f -o FILE
+    /// --`), which must run the binary as its only child; [`pid`](Self::pid)
+    /// and [`terminate`](Self::terminate) address the processor itself.
+    pub async fn start_wrapped(wrapper: &[&str], kubeconfig: &Path, extra: &[&str]) -> Processor {
+        let mut command = Command::new(wrapper[0]);
+        command.args(&wrapper[1..]).arg(binary());
+        let common = crate::support::COMMON_ARGS;
+        Processor::spawn(command, true, kubeconfig, common, extra).await
+    }
+
+    async fn spawn(
+        mut command: Command,
+        wrapped: bool,
+        kubeconfig: &Path,
+        common: &[&str],
+        extra: &[&str],
+    ) -> Processor {
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -107,7 +128,21 @@ impl Processor {
             admin,
             log,
             readers,
+            wrapped,
         }
+    }
+
+    /// The processor's process id (under a wrapper: the wrapper's child).
+    pub fn pid(&self) -> u32 {
+        let pid = self.child.id().expect("running");
+        if !self.wrapped {
+            return pid;
+        }
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        let mut children = children.split_whitespace();
+        let child = children.next().expect("the wrapper runs the processor");
+        assert!(children.next().is_none(), "the wrapper runs one child");
+        child.parse().unwrap()
     }
 
     /// Everything the process logged so far.
@@ -133,7 +168,7 @@ impl Processor {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub async fn terminate(mut self) -> (ExitStatus, String) {
-        let pid = self.child.id().expect("running").to_string();
+        let pid = self.pid().to_string();
         let killed = std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status()
