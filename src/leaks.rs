@@ -92,6 +92,8 @@ fn token_holders_never_show_the_token() {
     }
 }
 
+// The point is to unwrap a value known to be the wrong variant.
+#[allow(clippy::unnecessary_literal_unwrap)]
 #[test]
 fn panics_never_carry_a_token() {
     let messages = [
@@ -121,6 +123,7 @@ fn panics_never_carry_a_token() {
     }
 }
 
+#[allow(clippy::unnecessary_literal_unwrap)]
 #[tokio::test]
 async fn keys_never_show_in_the_ca_or_the_leaves() {
     let dir = tempfile::tempdir().unwrap();
