@@ -1,0 +1,378 @@
+//! Startup faults against the real binary: each one ends the start with one
+//! clear line on stderr and a non-zero exit, before the processor announces
+//! itself (never a crash later, never a panic); an API server that is down
+//! is the exception (it is a runtime condition, see
+//! `a_dead_api_server_starts_not_ready_with_the_reason`). And the process
+//! disables core dumps of itself at start.
+
+mod support;
+
+use std::net::TcpListener;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::processor::Processor;
+use support::reliability;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Runs the binary with `COMMON_ARGS`, `--kubeconfig kubeconfig` and
+/// `extra` (bounded in time); returns its exit code and stderr.
+fn run(kubeconfig: &Path, extra: &[&str]) -> (i32, String) {
+    let mut child = std::process::Command::new(support::processor::binary())
+        .env_clear()
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(support::COMMON_ARGS)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "still running after 20 s, it should have exited at startup:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        // Polls the exit status under the deadline.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(output.stdout.is_empty(), "stdout: {:?}", output.stdout);
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The error lines of `stderr`: a logfmt `level=error` line, or a line of
+/// the plain `kube-audience-proxy: ...` form used before logging is up.
+fn error_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("level=error") || l.starts_with("kube-audience-proxy: "))
+        .collect()
+}
+
+/// `exit N, K error line(s)`, after asserting the one error line names
+/// `cause`, nothing panicked and the processor never announced itself.
+fn outcome(code: i32, stderr: &str, cause: &str) -> String {
+    let errors = error_lines(stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("kube-audience-proxy ready"), "{stderr}");
+    assert!(
+        errors.iter().any(|l| l.contains(cause)),
+        "no error line names {cause:?}:\n{stderr}"
+    );
+    format!("exit {code}, {} error line", errors.len())
+}
+
+/// A kubeconfig for `https://127.0.0.1:PORT`, where nothing listens, in
+/// `dir` (world-readable, for the core dump test's unprivileged user).
+fn dead_kubeconfig(dir: &Path) -> std::path::PathBuf {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: dead\n\
+             clusters:\n- name: dead\n  cluster:\n    server: https://127.0.0.1:{port}\n    insecure-skip-tls-verify: true\n\
+             users:\n- name: dead\n  user:\n    token: not-a-real-token\n\
+             contexts:\n- name: dead\n  context:\n    cluster: dead\n    user: dead\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    path
+}
+
+#[test]
+fn an_unwritable_ca_destination_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dead_kubeconfig(dir.path());
+    // A missing directory, and a destination that is a directory (root may
+    // write into a read-only directory, so that is no test when run as root).
+    let missing = dir.path().join("missing/ca.crt");
+    let (code, stderr) = run(
+        &kubeconfig,
+        &[
+            "--intercept-host",
+            "localhost",
+            "--ca-file-destination",
+            missing.to_str().unwrap(),
+        ],
+    );
+    let observed = outcome(
+        code,
+        &stderr,
+        &format!("cannot write {}", missing.display()),
+    );
+    let (code, stderr) = run(
+        &kubeconfig,
+        &[
+            "--intercept-host",
+            "localhost",
+            "--ca-file-destination",
+            dir.path().to_str().unwrap(),
+        ],
+    );
+    let is_dir = outcome(
+        code,
+        &stderr,
+        &format!("cannot write {}", dir.path().display()),
+    );
+    assert_eq!(is_dir, observed);
+    reliability::check("startup-ca-destination-unwritable", &observed);
+}
+
+#[test]
+fn a_missing_namespace_file_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dead_kubeconfig(dir.path());
+    let missing = dir.path().join("namespace");
+    // Without --namespace: COMMON_ARGS' is overridden by an empty one.
+    let (code, stderr) = run(
+        &kubeconfig,
+        &[
+            "--namespace",
+            "",
+            "--namespace-file",
+            missing.to_str().unwrap(),
+        ],
+    );
+    let observed = outcome(
+        code,
+        &stderr,
+        &format!("{} could not be read", missing.display()),
+    );
+    reliability::check("startup-namespace-file-missing", &observed);
+}
+
+#[test]
+fn a_garbage_kubeconfig_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, "{{{ this: is [not a kubeconfig\n\0\u{1}").unwrap();
+    let (code, stderr) = run(&kubeconfig, &[]);
+    let observed = outcome(
+        code,
+        &stderr,
+        &format!("cannot load kubeconfig {}", kubeconfig.display()),
+    );
+    reliability::check("startup-kubeconfig-garbage", &observed);
+}
+
+#[test]
+fn a_corrupt_ca_key_file_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dead_kubeconfig(dir.path());
+    let key = dir.path().join("ca.key");
+    let cert = dir.path().join("ca.pem");
+    // A valid CA certificate, a key file that is not a key.
+    let ca = support::tls::TestCa::generate("corrupt-key test CA");
+    std::fs::write(&cert, ca.cert_pem()).unwrap();
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, stderr) = run(
+        &kubeconfig,
+        &[
+            "--intercept-host",
+            "localhost",
+            "--ca-file-destination",
+            dir.path().join("ca.crt").to_str().unwrap(),
+            "--ca-key-file",
+            key.to_str().unwrap(),
+            "--ca-cert-file",
+            cert.to_str().unwrap(),
+        ],
+    );
+    let observed = outcome(code, &stderr, &key.display().to_string());
+    reliability::check("startup-ca-key-corrupt", &observed);
+}
+
+#[test]
+fn a_taken_port_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dead_kubeconfig(dir.path());
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = run(&kubeconfig, &["--grpc-listen-address", &address]);
+    let grpc = outcome(
+        code,
+        &stderr,
+        &format!("cannot listen on {address} for gRPC"),
+    );
+    reliability::check("startup-grpc-port-taken", &grpc);
+    let (code, stderr) = run(&kubeconfig, &["--admin-listen-address", &address]);
+    let admin = outcome(
+        code,
+        &stderr,
+        &format!("cannot listen on {address} for the admin endpoints"),
+    );
+    reliability::check("startup-admin-port-taken", &admin);
+}
+
+#[tokio::test]
+async fn a_dead_api_server_starts_not_ready_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dead_kubeconfig(dir.path());
+    let processor = Processor::start(
+        &kubeconfig,
+        &[
+            "--prefetch-audience",
+            "https://a.example",
+            "--log-level",
+            "info",
+        ],
+    )
+    .await;
+    processor
+        .wait_for_log(
+            "could not learn the issuer of the API server",
+            Duration::from_secs(20),
+        )
+        .await;
+    let (status, body) = support::curl::get(&format!("http://{}/readyz", processor.admin)).await;
+    assert!(body.contains("https://a.example"), "{body}");
+    let (healthz, _) = support::curl::get(&format!("http://{}/healthz", processor.admin)).await;
+    let (exit, logs) = processor.terminate().await;
+    assert!(!logs.contains("panicked"), "{logs}");
+    let observed = format!(
+        "running, /healthz {healthz}, /readyz {status}, {} error line, exit {}",
+        error_lines(&logs).len(),
+        exit.code().unwrap_or(-1)
+    );
+    reliability::check("startup-apiserver-dead", &observed);
+}
+
+/// `Max core file size` soft and hard limits of `pid`.
+fn core_limits(pid: u32) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core limit line");
+    let fields: Vec<&str> = line["Max core file size".len()..]
+        .split_whitespace()
+        .collect();
+    format!("{} {}", fields[0], fields[1])
+}
+
+/// Spawns `program args` with a core limit of 4096 bytes and, when the test
+/// runs as root, as user `nobody`; returns the child once its stderr shows
+/// `ready` (or at once when `ready` is empty).
+async fn spawn_dumpable(program: &Path, args: &[&str], ready: &str) -> tokio::process::Child {
+    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    let mut command = tokio::process::Command::new("sh");
+    command.arg("-c");
+    if root {
+        command.arg("ulimit -c 4096 && exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$0\" \"$@\"");
+    } else {
+        command.arg("ulimit -c 4096 && exec \"$0\" \"$@\"");
+    }
+    command
+        .arg(program)
+        .args(args)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    if ready.is_empty() {
+        return child;
+    }
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains(ready) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        found,
+        Ok(true),
+        "{program:?} did not log {ready:?}:\n{seen}"
+    );
+    // Keep reading, so the process never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+/// Who owns `/proc/PID/status`: the process's user, or root when the process is not
+/// dumpable (the kernel's only outside view of PR_SET_DUMPABLE).
+fn proc_owner(pid: u32) -> &'static str {
+    // Not /proc/PID itself: the kernel keeps the directory with the
+    // process's user, only the files in it change hands.
+    let owner = std::fs::metadata(format!("/proc/{pid}/status"))
+        .unwrap()
+        .uid();
+    let me = std::fs::metadata("/proc/self").unwrap().uid();
+    match owner {
+        0 => "root",
+        o if o == me || o == 65534 => "its user",
+        _ => "someone else",
+    }
+}
+
+#[tokio::test]
+async fn the_process_disables_its_core_dumps() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dead_kubeconfig(dir.path());
+    // The control: the same wrapper around a plain program leaves it with
+    // the raised limit, owned by its user (dumpable).
+    let control = spawn_dumpable(Path::new("/bin/sleep"), &["30"], "").await;
+    let control_pid = control.id().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Polls until the wrapper has exec'd sleep (its limit line changes then).
+    while std::fs::read_link(format!("/proc/{control_pid}/exe"))
+        .map(|exe| !exe.ends_with("sleep"))
+        .unwrap_or(true)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sleep did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let control_seen = format!(
+        "{}, /proc owned by {}",
+        core_limits(control_pid),
+        proc_owner(control_pid)
+    );
+    let mut args = vec!["--kubeconfig", kubeconfig.to_str().unwrap()];
+    args.extend_from_slice(support::COMMON_ARGS);
+    let processor = spawn_dumpable(
+        &support::processor::binary(),
+        &args,
+        "kube-audience-proxy ready",
+    )
+    .await;
+    let pid = processor.id().unwrap();
+    let seen = format!("{}, /proc owned by {}", core_limits(pid), proc_owner(pid));
+    let observed = format!("{seen} (unprotected control: {control_seen})");
+    reliability::check("core-dumps-disabled", &observed);
+}
