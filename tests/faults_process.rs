@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_yaml::Value;
-use support::apiserver::{ApiServerOptions, FakeApiServer};
+use support::apiserver::{ApiServerOptions, FakeApiServer, Fault};
 use support::envoy::{self, Envoy};
 use support::processor::{self, Processor};
 use support::reliability;
@@ -157,16 +157,14 @@ impl Stack {
         }
     }
 
-    async fn start_processor(&self) -> Processor {
-        Processor::start(
-            &self.kubeconfig.path,
-            &["--grpc-listen-address", &self.grpc, "--log-level", "info"],
-        )
-        .await
+    async fn start_processor(&self, extra: &[&str]) -> Processor {
+        let mut args = vec!["--grpc-listen-address", &self.grpc, "--log-level", "info"];
+        args.extend_from_slice(extra);
+        Processor::start(&self.kubeconfig.path, &args).await
     }
 }
 
-async fn stack(failure_mode_allow: bool) -> (Stack, Processor) {
+async fn stack(failure_mode_allow: bool, processor_args: &[&str]) -> (Stack, Processor) {
     let api = FakeApiServer::start(ApiServerOptions::default()).await;
     let upstream = Upstream::start(api.verifier()).await;
     let kubeconfig = support::Kubeconfig::of(&api);
@@ -189,13 +187,13 @@ async fn stack(failure_mode_allow: bool) -> (Stack, Processor) {
         kubeconfig,
         grpc,
     };
-    let processor = stack.start_processor().await;
+    let processor = stack.start_processor(processor_args).await;
     (stack, processor)
 }
 
 /// Runs the whole scenario; returns the observed outcome.
 async fn kill_under_load(failure_mode_allow: bool) -> String {
-    let (s, first) = stack(failure_mode_allow).await;
+    let (s, first) = stack(failure_mode_allow, &[]).await;
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("statuses.lua");
     std::fs::write(&script, WRK_SCRIPT).unwrap();
@@ -245,7 +243,7 @@ async fn kill_under_load(failure_mode_allow: bool) -> String {
     let connect_failures = s
         .stat("cluster.kube_audience_proxy.upstream_cx_connect_fail")
         .await;
-    let second = s.start_processor().await;
+    let second = s.start_processor(&[]).await;
     // Envoy reconnects on its own: answers from the processor resume.
     let base = s.stat(answered).await;
     s.wait_for_stat(answered, base + 16, "answers from the restarted processor")
@@ -300,4 +298,88 @@ async fn sigkill_under_load_then_restart() {
     reliability::check("processor-sigkill", &observed);
     let observed = kill_under_load(true).await;
     reliability::check("processor-sigkill-failure-mode-allow", &observed);
+}
+
+/// A request for `audience` through Envoy (plain HTTP, curl).
+async fn get(s: &Stack, audience: &str) -> support::curl::Reply {
+    let url = format!("{}/drain?kubernetes-audience={audience}", s.upstream.url());
+    support::curl::via_proxy(&s.envoy.proxy_url(), &url, &[]).await
+}
+
+/// `200 with token`, or the status and, for the processor's own answers,
+/// the reason it gave.
+fn outcome(s: &Stack, reply: &support::curl::Reply, audience: &str) -> String {
+    if reply.status == 200 {
+        let got = s.upstream.last().expect("the upstream got it");
+        assert_eq!(got.verdict.audiences(), [audience]);
+        return "200 with token".to_owned();
+    }
+    // The reason up to its retry advice (which depends on timing).
+    let reason = reply.body.lines().next().unwrap_or("");
+    let reason = reason.split(';').next().unwrap_or("").trim();
+    if reason.is_empty() {
+        reply.status.to_string()
+    } else {
+        format!("{} ({reason})", reply.status)
+    }
+}
+
+/// SIGTERM while requests wait in the processor for TokenRequests: one slow
+/// (answered within the drain), one that never comes (the request's own
+/// `--token-request-timeout` ends it). Both get an answer; a request during
+/// the drain delay is still served; the process exits 0 within the drain
+/// bound (`--shutdown-delay` + 10 s for in-flight streams); after that,
+/// Envoy answers 500 itself.
+#[tokio::test]
+async fn sigterm_answers_every_in_flight_request_and_exits_zero() {
+    let (s, processor) = stack(
+        false,
+        &["--shutdown-delay", "1s", "--token-request-timeout", "3s"],
+    )
+    .await;
+    let s = std::sync::Arc::new(s);
+    let drain_bound = Duration::from_secs(1 + 10);
+    assert_eq!(
+        outcome(&s, &get(&s, "cached").await, "cached"),
+        "200 with token"
+    );
+    // The next TokenRequest takes 2 s; the one after never gets an answer.
+    s.api.inject(Fault::Delay(Duration::from_secs(2)), 1);
+    s.api.inject(Fault::Hang, 1);
+    let arrived = s.api.token_requests_arrived();
+    let (slow, hung) = (s.clone(), s.clone());
+    let slow = tokio::spawn(async move { get(&slow, "slow").await });
+    s.api
+        .wait_for_token_requests_arrived(arrived + 1, Duration::from_secs(10))
+        .await;
+    let hung = tokio::spawn(async move { get(&hung, "hung").await });
+    s.api
+        .wait_for_token_requests_arrived(arrived + 2, Duration::from_secs(10))
+        .await;
+    let signalled = tokio::time::Instant::now();
+    let terminated = tokio::spawn(processor.terminate());
+    // Still served during the drain delay (the token is cached).
+    let during = get(&s, "cached").await;
+    let during = outcome(&s, &during, "cached");
+    let slow = slow.await.unwrap();
+    let slow = outcome(&s, &slow, "slow");
+    let hung = hung.await.unwrap();
+    let hung = outcome(&s, &hung, "hung");
+    let (status, logs) = terminated.await.unwrap();
+    let took = signalled.elapsed();
+    assert!(!logs.contains("panicked"), "{logs}");
+    println!("SIGTERM to exit: {took:?}");
+    let after = get(&s, "cached").await;
+    let observed = format!(
+        "slow TokenRequest: {slow}; hung TokenRequest: {hung}; during the drain delay: {during}; \
+         exit {} {} the drain bound; afterwards Envoy: {}",
+        status.code().unwrap_or(-1),
+        if took <= drain_bound {
+            "within"
+        } else {
+            "AFTER"
+        },
+        after.status,
+    );
+    reliability::check("processor-sigterm-in-flight", &observed);
 }
