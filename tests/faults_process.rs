@@ -383,3 +383,49 @@ async fn sigterm_answers_every_in_flight_request_and_exits_zero() {
     );
     reliability::check("processor-sigterm-in-flight", &observed);
 }
+
+/// SIGTERM while a request waits on a TokenRequest that outlasts Envoy's
+/// `message_timeout` (`--token-request-timeout 30s`, above the shipped 5 s):
+/// Envoy ends the request at its timeout and drops the stream, and the
+/// drain ends with it; nothing waits for the 30 s.
+#[tokio::test]
+async fn sigterm_with_a_token_request_past_message_timeout() {
+    let (s, processor) = stack(
+        false,
+        &["--shutdown-delay", "0s", "--token-request-timeout", "30s"],
+    )
+    .await;
+    let s = std::sync::Arc::new(s);
+    s.api.inject(Fault::Hang, 1);
+    let arrived = s.api.token_requests_arrived();
+    let hung = s.clone();
+    let sent = tokio::time::Instant::now();
+    let hung = tokio::spawn(async move { (get(&hung, "hung").await, sent.elapsed()) });
+    s.api
+        .wait_for_token_requests_arrived(arrived + 1, Duration::from_secs(10))
+        .await;
+    let signalled = tokio::time::Instant::now();
+    let terminated = tokio::spawn(processor.terminate());
+    let (reply, answered_after) = hung.await.unwrap();
+    let (status, logs) = terminated.await.unwrap();
+    let exited_after = signalled.elapsed();
+    assert!(!logs.contains("panicked"), "{logs}");
+    println!(
+        "client {} after {answered_after:?}; exit after {exited_after:?}",
+        reply.status
+    );
+    let at_timeout =
+        answered_after >= MESSAGE_TIMEOUT && answered_after <= MESSAGE_TIMEOUT + MARGIN;
+    let observed = format!(
+        "client: {} from Envoy {} message_timeout; exit {} {} the drain bound",
+        outcome(&s, &reply, "hung"),
+        if at_timeout { "at" } else { "NOT at" },
+        status.code().unwrap_or(-1),
+        if exited_after <= Duration::from_secs(10) {
+            "within"
+        } else {
+            "AFTER"
+        },
+    );
+    reliability::check("processor-sigterm-past-message-timeout", &observed);
+}
