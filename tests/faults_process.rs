@@ -4,23 +4,17 @@
 //! after Envoy has reconnected (without an Envoy restart), with
 //! `failure_mode_allow: false` (shipped) and `true`.
 
+#[path = "faults/stack.rs"]
+mod stack;
 mod support;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_yaml::Value;
-use support::apiserver::{ApiServerOptions, FakeApiServer, Fault};
-use support::envoy::{self, Envoy};
-use support::processor::{self, Processor};
+use stack::{MARGIN, MESSAGE_TIMEOUT, Stack, stack};
 use support::reliability;
-use support::upstream::{TokenVerdict, Upstream};
-
-/// Envoy's ext_proc `message_timeout` in the shipped config.
-const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A request slower than `MESSAGE_TIMEOUT` plus this margin hung.
-const MARGIN: Duration = Duration::from_secs(3);
+use support::upstream::TokenVerdict;
 
 /// Collects per-status counts from every wrk thread and prints one summary
 /// (`key=value` pairs) and one `status CODE COUNT` line per status.
@@ -103,92 +97,27 @@ fn window(from: Snapshot, to: Snapshot) -> String {
         seen.join(" and ")
     }
 }
-
-struct Stack {
-    api: FakeApiServer,
-    upstream: Upstream,
-    envoy: Envoy,
-    kubeconfig: support::Kubeconfig,
-    grpc: String,
-}
-
-impl Stack {
-    async fn snapshot(&self) -> Snapshot {
-        let ok = self.stat("http.forward_proxy.downstream_rq_2xx").await;
-        let failed = self.stat("http.forward_proxy.downstream_rq_5xx").await;
-        let received = self.upstream.received();
-        let with_token = received.iter().filter(|r| r.verdict.is_valid()).count();
-        let without_token = received
-            .iter()
-            .filter(|r| r.verdict == TokenVerdict::Missing)
-            .count();
-        assert_eq!(
-            with_token + without_token,
-            received.len(),
-            "the upstream only ever gets a valid token or none"
-        );
-        Snapshot {
-            ok,
-            failed,
-            with_token,
-            without_token,
-        }
-    }
-
-    async fn stat(&self, name: &str) -> u64 {
-        self.envoy.stat(name).await.unwrap_or(0)
-    }
-
-    /// Waits until Envoy's counter `name` is at least `n` (polled, bounded).
-    async fn wait_for_stat(&self, name: &str, n: u64, what: &str) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let value = self.stat(name).await;
-            if value >= n {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: {name} is {value}, expected {n} within 20 s\n{}",
-                self.envoy.logs()
-            );
-            // Polls Envoy's admin socket under the deadline.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn start_processor(&self, extra: &[&str]) -> Processor {
-        let mut args = vec!["--grpc-listen-address", &self.grpc, "--log-level", "info"];
-        args.extend_from_slice(extra);
-        Processor::start(&self.kubeconfig.path, &args).await
-    }
-}
-
-async fn stack(failure_mode_allow: bool, processor_args: &[&str]) -> (Stack, Processor) {
-    let api = FakeApiServer::start(ApiServerOptions::default()).await;
-    let upstream = Upstream::start(api.verifier()).await;
-    let kubeconfig = support::Kubeconfig::of(&api);
-    let grpc = processor::free_loopback_address();
-    let mut config = envoy::shipped_config();
-    envoy::point_at_processor(&mut config, &grpc);
-    let filter = &mut config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        ["typed_config"]["http_filters"][0];
-    assert_eq!(filter["name"], "envoy.filters.http.ext_proc");
+/// Envoy's 2xx and 5xx counters and what the upstream received.
+async fn snapshot(s: &Stack) -> Snapshot {
+    let ok = s.stat("http.forward_proxy.downstream_rq_2xx").await;
+    let failed = s.stat("http.forward_proxy.downstream_rq_5xx").await;
+    let received = s.upstream.received();
+    let with_token = received.iter().filter(|r| r.verdict.is_valid()).count();
+    let without_token = received
+        .iter()
+        .filter(|r| r.verdict == TokenVerdict::Missing)
+        .count();
     assert_eq!(
-        filter["typed_config"]["failure_mode_allow"],
-        Value::Bool(false)
+        with_token + without_token,
+        received.len(),
+        "the upstream only ever gets a valid token or none"
     );
-    filter["typed_config"]["failure_mode_allow"] = Value::Bool(failure_mode_allow);
-    let envoy = Envoy::start(&config).await;
-    let stack = Stack {
-        api,
-        upstream,
-        envoy,
-        kubeconfig,
-        grpc,
-    };
-    let processor = stack.start_processor(processor_args).await;
-    (stack, processor)
+    Snapshot {
+        ok,
+        failed,
+        with_token,
+        without_token,
+    }
 }
 
 /// Runs the whole scenario; returns the observed outcome.
@@ -215,9 +144,9 @@ async fn kill_under_load(failure_mode_allow: bool) -> String {
     let failed = "http.forward_proxy.downstream_rq_5xx";
     let allowed = "http.forward_proxy.ext_proc.failure_mode_allowed";
     let answered = "http.forward_proxy.ext_proc.stream_msgs_received";
-    let start = s.snapshot().await;
+    let start = snapshot(&s).await;
     s.wait_for_stat(ok, 50, "load through the processor").await;
-    let before = s.snapshot().await;
+    let before = snapshot(&s).await;
     let (status, _) = first.kill().await;
     assert_eq!(status.code(), None, "killed by a signal");
     // Requests the processor answered just before it died may still
@@ -231,7 +160,7 @@ async fn kill_under_load(failure_mode_allow: bool) -> String {
         "requests while the processor is down",
     )
     .await;
-    let down_start = s.snapshot().await;
+    let down_start = snapshot(&s).await;
     let base = s.stat(down_signal).await;
     s.wait_for_stat(
         down_signal,
@@ -239,7 +168,7 @@ async fn kill_under_load(failure_mode_allow: bool) -> String {
         "requests while the processor is down",
     )
     .await;
-    let down_end = s.snapshot().await;
+    let down_end = snapshot(&s).await;
     let connect_failures = s
         .stat("cluster.kube_audience_proxy.upstream_cx_connect_fail")
         .await;
@@ -248,7 +177,7 @@ async fn kill_under_load(failure_mode_allow: bool) -> String {
     let base = s.stat(answered).await;
     s.wait_for_stat(answered, base + 16, "answers from the restarted processor")
         .await;
-    let after_start = s.snapshot().await;
+    let after_start = snapshot(&s).await;
     let output = tokio::time::timeout(Duration::from_secs(30), wrk.wait_with_output())
         .await
         .expect("wrk ends")
@@ -260,7 +189,7 @@ async fn kill_under_load(failure_mode_allow: bool) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     let report = parse_wrk(&stdout);
-    let after_end = s.snapshot().await;
+    let after_end = snapshot(&s).await;
     assert!(
         after_end.ok > after_start.ok,
         "wrk ran out before the after window:\n{stdout}"
@@ -298,134 +227,4 @@ async fn sigkill_under_load_then_restart() {
     reliability::check("processor-sigkill", &observed);
     let observed = kill_under_load(true).await;
     reliability::check("processor-sigkill-failure-mode-allow", &observed);
-}
-
-/// A request for `audience` through Envoy (plain HTTP, curl).
-async fn get(s: &Stack, audience: &str) -> support::curl::Reply {
-    let url = format!("{}/drain?kubernetes-audience={audience}", s.upstream.url());
-    support::curl::via_proxy(&s.envoy.proxy_url(), &url, &[]).await
-}
-
-/// `200 with token`, or the status and, for the processor's own answers,
-/// the reason it gave.
-fn outcome(s: &Stack, reply: &support::curl::Reply, audience: &str) -> String {
-    if reply.status == 200 {
-        let got = s.upstream.last().expect("the upstream got it");
-        assert_eq!(got.verdict.audiences(), [audience]);
-        return "200 with token".to_owned();
-    }
-    // The reason up to its retry advice (which depends on timing).
-    let reason = reply.body.lines().next().unwrap_or("");
-    let reason = reason.split(';').next().unwrap_or("").trim();
-    if reason.is_empty() {
-        reply.status.to_string()
-    } else {
-        format!("{} ({reason})", reply.status)
-    }
-}
-
-/// SIGTERM while requests wait in the processor for TokenRequests: one slow
-/// (answered within the drain), one that never comes (the request's own
-/// `--token-request-timeout` ends it). Both get an answer; a request during
-/// the drain delay is still served; the process exits 0 within the drain
-/// bound (`--shutdown-delay` + 10 s for in-flight streams); after that,
-/// Envoy answers 500 itself.
-#[tokio::test]
-async fn sigterm_answers_every_in_flight_request_and_exits_zero() {
-    let (s, processor) = stack(
-        false,
-        &["--shutdown-delay", "1s", "--token-request-timeout", "3s"],
-    )
-    .await;
-    let s = std::sync::Arc::new(s);
-    let drain_bound = Duration::from_secs(1 + 10);
-    assert_eq!(
-        outcome(&s, &get(&s, "cached").await, "cached"),
-        "200 with token"
-    );
-    // The next TokenRequest takes 2 s; the one after never gets an answer.
-    s.api.inject(Fault::Delay(Duration::from_secs(2)), 1);
-    s.api.inject(Fault::Hang, 1);
-    let arrived = s.api.token_requests_arrived();
-    let (slow, hung) = (s.clone(), s.clone());
-    let slow = tokio::spawn(async move { get(&slow, "slow").await });
-    s.api
-        .wait_for_token_requests_arrived(arrived + 1, Duration::from_secs(10))
-        .await;
-    let hung = tokio::spawn(async move { get(&hung, "hung").await });
-    s.api
-        .wait_for_token_requests_arrived(arrived + 2, Duration::from_secs(10))
-        .await;
-    let signalled = tokio::time::Instant::now();
-    let terminated = tokio::spawn(processor.terminate());
-    // Still served during the drain delay (the token is cached).
-    let during = get(&s, "cached").await;
-    let during = outcome(&s, &during, "cached");
-    let slow = slow.await.unwrap();
-    let slow = outcome(&s, &slow, "slow");
-    let hung = hung.await.unwrap();
-    let hung = outcome(&s, &hung, "hung");
-    let (status, logs) = terminated.await.unwrap();
-    let took = signalled.elapsed();
-    assert!(!logs.contains("panicked"), "{logs}");
-    println!("SIGTERM to exit: {took:?}");
-    let after = get(&s, "cached").await;
-    let observed = format!(
-        "slow TokenRequest: {slow}; hung TokenRequest: {hung}; during the drain delay: {during}; \
-         exit {} {} the drain bound; afterwards Envoy: {}",
-        status.code().unwrap_or(-1),
-        if took <= drain_bound {
-            "within"
-        } else {
-            "AFTER"
-        },
-        after.status,
-    );
-    reliability::check("processor-sigterm-in-flight", &observed);
-}
-
-/// SIGTERM while a request waits on a TokenRequest that outlasts Envoy's
-/// `message_timeout` (`--token-request-timeout 30s`, above the shipped 5 s):
-/// Envoy ends the request at its timeout and drops the stream, and the
-/// drain ends with it; nothing waits for the 30 s.
-#[tokio::test]
-async fn sigterm_with_a_token_request_past_message_timeout() {
-    let (s, processor) = stack(
-        false,
-        &["--shutdown-delay", "0s", "--token-request-timeout", "30s"],
-    )
-    .await;
-    let s = std::sync::Arc::new(s);
-    s.api.inject(Fault::Hang, 1);
-    let arrived = s.api.token_requests_arrived();
-    let hung = s.clone();
-    let sent = tokio::time::Instant::now();
-    let hung = tokio::spawn(async move { (get(&hung, "hung").await, sent.elapsed()) });
-    s.api
-        .wait_for_token_requests_arrived(arrived + 1, Duration::from_secs(10))
-        .await;
-    let signalled = tokio::time::Instant::now();
-    let terminated = tokio::spawn(processor.terminate());
-    let (reply, answered_after) = hung.await.unwrap();
-    let (status, logs) = terminated.await.unwrap();
-    let exited_after = signalled.elapsed();
-    assert!(!logs.contains("panicked"), "{logs}");
-    println!(
-        "client {} after {answered_after:?}; exit after {exited_after:?}",
-        reply.status
-    );
-    let at_timeout =
-        answered_after >= MESSAGE_TIMEOUT && answered_after <= MESSAGE_TIMEOUT + MARGIN;
-    let observed = format!(
-        "client: {} from Envoy {} message_timeout; exit {} {} the drain bound",
-        outcome(&s, &reply, "hung"),
-        if at_timeout { "at" } else { "NOT at" },
-        status.code().unwrap_or(-1),
-        if exited_after <= Duration::from_secs(10) {
-            "within"
-        } else {
-            "AFTER"
-        },
-    );
-    reliability::check("processor-sigterm-past-message-timeout", &observed);
 }
