@@ -228,3 +228,80 @@ async fn sigkill_under_load_then_restart() {
     let observed = kill_under_load(true).await;
     reliability::check("processor-sigkill-failure-mode-allow", &observed);
 }
+
+/// The same over a Unix socket: SIGKILL leaves the socket file behind; the
+/// restarted processor replaces it and Envoy reconnects. Statuses of
+/// sequential curl requests, consecutive repeats folded.
+#[tokio::test]
+async fn sigkill_on_a_unix_socket_then_restart_on_the_same_path() {
+    use support::apiserver::{ApiServerOptions, FakeApiServer};
+    use support::processor::Processor;
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let upstream = support::upstream::Upstream::start(api.verifier()).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("kap.sock");
+    let address = format!("unix:{}", socket.display());
+    let args = [
+        "--grpc-listen-address",
+        address.as_str(),
+        "--log-level",
+        "info",
+    ];
+    let first = Processor::start(&kubeconfig.path, &args).await;
+    let mut config = support::envoy::shipped_config();
+    support::envoy::point_at_processor(&mut config, &address);
+    let envoy = support::envoy::Envoy::start(&config).await;
+    let url = format!("{}/uds?kubernetes-audience=A", upstream.url());
+    let mut statuses: Vec<String> = vec![];
+    let mut record = |status: u16, valid: bool| {
+        let seen = match (status, valid) {
+            (200, true) => "200 with token".to_owned(),
+            (200, false) => "200 without token".to_owned(),
+            (other, _) => other.to_string(),
+        };
+        if statuses.last() != Some(&seen) {
+            statuses.push(seen);
+        }
+    };
+    let proxy = envoy.proxy_url();
+    let get = || support::curl::via_proxy(&proxy, &url, &[]);
+    let valid = || upstream.last().is_some_and(|r| r.verdict.is_valid());
+    upstream.clear();
+    record(get().await.status, valid());
+    first.kill().await;
+    let stale = socket.exists();
+    upstream.clear();
+    record(get().await.status, valid());
+    let second = Processor::start(&kubeconfig.path, &args).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        upstream.clear();
+        let status = get().await.status;
+        record(status, valid());
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{statuses:?}\n{}",
+            envoy.logs()
+        );
+        // Polls through the proxy under the deadline until Envoy reconnects.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (exit, logs) = second.terminate().await;
+    assert!(exit.success(), "{logs}");
+    assert!(!socket.exists(), "a clean stop removes the socket");
+    let observed = format!(
+        "{}; socket file left by SIGKILL: {}; {} TokenRequests",
+        statuses.join(", then "),
+        if stale {
+            "yes, replaced at restart"
+        } else {
+            "no"
+        },
+        api.token_requests()
+    );
+    reliability::check("processor-sigkill-unix-socket", &observed);
+}
