@@ -117,3 +117,48 @@ async fn sigterm_with_a_token_request_past_message_timeout() {
     );
     reliability::check("processor-sigterm-past-message-timeout", &observed);
 }
+
+/// SIGTERM while Envoy holds SDS streams (they live as long as Envoy):
+/// the processor ends them after the drain delay, so the drain does not
+/// wait for its in-flight bound.
+#[tokio::test]
+async fn sigterm_with_envoy_holding_sds_streams_exits_after_the_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    let args = support::intercept_args(&ca, &["localhost"], &["--shutdown-delay", "1s"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (s, processor) = stack(false, &args).await;
+    // A TLS handshake inside a CONNECT makes Envoy open an SDS stream for
+    // `localhost`; nothing listens behind it, the stream stays.
+    let closed = support::processor::free_loopback_address();
+    let port = closed.rsplit(':').next().unwrap();
+    support::curl::via_proxy(
+        &s.envoy.proxy_url(),
+        &format!("https://localhost:{port}/"),
+        &["--cacert", ca.to_str().unwrap()],
+    )
+    .await;
+    let metrics = format!("http://{}/metrics", processor.admin);
+    let (_, body) = support::curl::get(&metrics).await;
+    let open = body
+        .lines()
+        .find_map(|l| l.strip_prefix("kube_audience_proxy_sds_streams "))
+        .unwrap_or("0")
+        .trim()
+        .to_owned();
+    let signalled = tokio::time::Instant::now();
+    let (status, logs) = processor.terminate().await;
+    let took = signalled.elapsed();
+    println!("SDS streams {open}; SIGTERM to exit {took:?}");
+    let timed_out = logs.contains("did not finish in time");
+    let observed = format!(
+        "SDS streams open at SIGTERM: {open}; exit {} {}",
+        status.code().unwrap_or(-1),
+        if took >= Duration::from_secs(1) && took < Duration::from_secs(1 + 10) && !timed_out {
+            "after the drain delay, without waiting for the in-flight bound"
+        } else {
+            "NOT between the drain delay and the in-flight bound"
+        }
+    );
+    reliability::check("processor-sigterm-sds-streams", &observed);
+}
