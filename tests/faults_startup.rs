@@ -13,6 +13,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
 use support::processor::Processor;
 use support::reliability;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -248,13 +250,28 @@ async fn a_dead_api_server_starts_not_ready_with_the_reason() {
             Duration::from_secs(20),
         )
         .await;
+    // A request that needs a token gets the processor's 503 at once.
+    let channel = support::inproc::connect(&processor.grpc).await;
+    let mut client = ExternalProcessorClient::new(channel);
+    let answer = support::inproc::process_one(
+        &mut client,
+        support::inproc::get("/?kubernetes-audience=https://a.example"),
+        None,
+    )
+    .await
+    .unwrap();
+    let token_request = match answer.response {
+        Some(Response::ImmediateResponse(immediate)) => immediate.status.unwrap().code,
+        other => panic!("{other:?}"),
+    };
     let (status, body) = support::curl::get(&format!("http://{}/readyz", processor.admin)).await;
     assert!(body.contains("https://a.example"), "{body}");
     let (healthz, _) = support::curl::get(&format!("http://{}/healthz", processor.admin)).await;
     let (exit, logs) = processor.terminate().await;
     assert!(!logs.contains("panicked"), "{logs}");
     let observed = format!(
-        "running, /healthz {healthz}, /readyz {status}, {} error line, exit {}",
+        "running, /healthz {healthz}, /readyz {status}, a request for a token {token_request}, \
+         {} error line, exit {}",
         error_lines(&logs).len(),
         exit.code().unwrap_or(-1)
     );
