@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use stack::{MARGIN, MESSAGE_TIMEOUT, Stack, stack};
+use stack::{MARGIN, MESSAGE_TIMEOUT, Stack, get, outcome, stack};
 use support::reliability;
 use support::upstream::TokenVerdict;
 
@@ -304,4 +304,40 @@ async fn sigkill_on_a_unix_socket_then_restart_on_the_same_path() {
         api.token_requests()
     );
     reliability::check("processor-sigkill-unix-socket", &observed);
+}
+
+/// The processor frozen (SIGSTOP: a stopped container, a debugger, a node
+/// under memory pressure) and thawed (SIGCONT): requests while it is frozen
+/// end at Envoy's `message_timeout`, not later; afterwards it answers again
+/// on the same connection.
+#[tokio::test]
+async fn sigstop_times_out_at_message_timeout_and_sigcont_recovers() {
+    let (s, processor) = stack(false, &[]).await;
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &processor.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    let before = get(&s, "A").await;
+    let before = outcome(&s, &before, "A");
+    signal("-STOP");
+    let sent = tokio::time::Instant::now();
+    let frozen = get(&s, "A").await;
+    let waited = sent.elapsed();
+    signal("-CONT");
+    let after = get(&s, "A").await;
+    let after = outcome(&s, &after, "A");
+    println!("frozen: {} after {waited:?}", frozen.status);
+    let at_timeout = waited >= MESSAGE_TIMEOUT && waited <= MESSAGE_TIMEOUT + MARGIN;
+    let (exit, logs) = processor.terminate().await;
+    assert!(exit.success(), "{logs}");
+    let observed = format!(
+        "before: {before}; frozen: {} {} message_timeout; thawed: {after}; {} TokenRequest",
+        frozen.status,
+        if at_timeout { "at" } else { "NOT at" },
+        s.api.token_requests()
+    );
+    reliability::check("processor-sigstop", &observed);
 }
