@@ -63,7 +63,7 @@ fn error_lines(stderr: &str) -> Vec<&str> {
         .collect()
 }
 
-/// `exit N, K error line(s)`, after asserting the one error line names
+/// `exit N, K error line, M other`, after asserting the one error line names
 /// `cause`, nothing panicked and the processor never announced itself.
 fn outcome(code: i32, stderr: &str, cause: &str) -> String {
     let errors = error_lines(stderr);
@@ -73,7 +73,8 @@ fn outcome(code: i32, stderr: &str, cause: &str) -> String {
         errors.iter().any(|l| l.contains(cause)),
         "no error line names {cause:?}:\n{stderr}"
     );
-    format!("exit {code}, {} error line", errors.len())
+    let others = stderr.lines().count() - errors.len();
+    format!("exit {code}, {} error line, {others} other", errors.len())
 }
 
 /// A kubeconfig for `https://127.0.0.1:PORT`, where nothing listens, in
