@@ -308,8 +308,7 @@ async fn sigkill_on_a_unix_socket_then_restart_on_the_same_path() {
 
 /// The processor frozen (SIGSTOP: a stopped container, a debugger, a node
 /// under memory pressure) and thawed (SIGCONT): requests while it is frozen
-/// end at Envoy's `message_timeout`, not later; afterwards it answers again
-/// on the same connection.
+/// end at Envoy's `message_timeout`, not later; afterwards it answers again.
 #[tokio::test]
 async fn sigstop_times_out_at_message_timeout_and_sigcont_recovers() {
     let (s, processor) = stack(false, &[]).await;
