@@ -5,7 +5,8 @@
 //! the gRPC listener and the admin endpoints on the admin listener until the
 //! shutdown future completes. The server's health (`""`) follows
 //! [`Readiness`] from the moment both serve. At shutdown: health goes NOT_SERVING, the processor
-//! keeps serving for the drain delay (so Envoy stops sending first), stops
+//! keeps serving for the drain delay (so Envoy stops sending first), ends the
+//! streams that live as long as the server (SDS, health watches), stops
 //! accepting, waits for in-flight streams (bounded), and returns.
 
 use std::future::Future;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::{HealthReporter, HealthService};
@@ -207,6 +209,13 @@ pub(crate) async fn serve<S: TokenSource>(
     if let Some(sds) = sds_handle {
         sds.close_streams();
     }
+    // Health watch streams also last as long as the server: forgetting the
+    // statuses ends them (their watchers saw NOT_SERVING already).
+    let mut statuses = reporter.clone();
+    statuses.clear_service_status("").await;
+    statuses
+        .clear_service_status(<ExternalProcessorServer<ExtProc<S>> as NamedService>::NAME)
+        .await;
     let _ = stop_tx.send(true);
 
     let result = match tokio::time::timeout(DRAIN_TIMEOUT, grpc).await {
