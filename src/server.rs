@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
@@ -96,7 +96,7 @@ impl Listeners {
                     address: format!("unix:{}", path.display()),
                     reason,
                 };
-                remove_stale_socket(path).map_err(grpc_error)?;
+                remove_stale_socket(path).await.map_err(grpc_error)?;
                 let listener = UnixListener::bind(path).map_err(grpc_error)?;
                 GrpcListener::Unix(listener, path.clone())
             }
@@ -127,12 +127,24 @@ impl Listeners {
     }
 }
 
-/// A socket file left by a previous run would make `bind` fail; anything
-/// that is not a socket is left alone (and `bind` reports it).
-fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+/// A socket file left by a previous run would make `bind` fail, so it is
+/// removed, but only when nobody listens on it any more (connecting is
+/// refused): a socket another process serves is in use, like a taken port.
+/// Anything that is not a socket is left alone (and `bind` reports it).
+async fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)
+            }
+            // Accepted, or a full backlog (WouldBlock): someone listens.
+            Ok(_) => Err(std::io::ErrorKind::AddrInUse.into()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(std::io::ErrorKind::AddrInUse.into())
+            }
+            Err(e) => Err(e),
+        },
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),

@@ -231,6 +231,33 @@ fn a_taken_port_stops_the_start() {
     reliability::check("startup-admin-port-taken", &admin);
 }
 
+/// A Unix socket another processor listens on is taken like a port: the
+/// second start exits, and the first keeps its socket (a socket file nobody
+/// listens on, left by a killed process, is replaced: see
+/// `tests/faults_process.rs`).
+#[tokio::test]
+async fn a_unix_socket_in_use_stops_the_start_and_stays_with_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dead_kubeconfig(dir.path());
+    let address = format!("unix:{}", dir.path().join("kap.sock").display());
+    let owner = Processor::start(&kubeconfig, &["--grpc-listen-address", &address]).await;
+    let (code, stderr) = run(&kubeconfig, &["--grpc-listen-address", &address]);
+    let second = outcome(
+        code,
+        &stderr,
+        &format!("cannot listen on {address} for gRPC"),
+    );
+    let channel = support::inproc::connect(&address).await;
+    let still = support::inproc::health_status(channel, "").await;
+    let (exit, _) = owner.terminate().await;
+    let observed = format!(
+        "{second}; the owner still answers: {}, exit {}",
+        still.as_str_name(),
+        exit.code().unwrap_or(-1)
+    );
+    reliability::check("startup-unix-socket-in-use", &observed);
+}
+
 #[tokio::test]
 async fn a_dead_api_server_starts_not_ready_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
