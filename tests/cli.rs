@@ -222,7 +222,8 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     })
     .await;
     assert_eq!(not_serving, Ok(true), "health reports NOT_SERVING");
-    // The drain waits for in-flight streams: this one must not hold it up.
+    // Done watching (the server ends watch streams itself after the delay,
+    // see sigterm_ends_health_watch_streams_after_the_delay).
     drop(health);
     let (code, _) = support::curl::get(&format!("http://{admin}/readyz")).await;
     assert_eq!(code, 503);
