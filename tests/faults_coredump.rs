@@ -28,17 +28,18 @@ fn core_limits(pid: u32) -> String {
     format!("{} {}", fields[0], fields[1])
 }
 
-/// Spawns `program args` with a core limit of 4096 bytes and, when the test
-/// runs as root, as user `nobody`; returns the child once its stderr shows
-/// `ready` (or at once when `ready` is empty).
+/// Spawns `program args` with no core size limit (a value free of the
+/// shell's block unit) and, when the test runs as root, as user `nobody`;
+/// returns the child once its stderr shows `ready` (or at once when `ready`
+/// is empty).
 async fn spawn_dumpable(program: &Path, args: &[&str], ready: &str) -> tokio::process::Child {
     let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
     let mut command = tokio::process::Command::new("sh");
     command.arg("-c");
     if root {
-        command.arg("ulimit -c 4096 && exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$0\" \"$@\"");
+        command.arg("ulimit -c unlimited && exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$0\" \"$@\"");
     } else {
-        command.arg("ulimit -c 4096 && exec \"$0\" \"$@\"");
+        command.arg("ulimit -c unlimited && exec \"$0\" \"$@\"");
     }
     command
         .arg(program)
