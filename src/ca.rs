@@ -62,7 +62,8 @@ pub enum CaError {
     /// The loaded files do not form a usable CA.
     #[error("the CA in {path} is unusable: {reason}")]
     Unusable {
-        /// The certificate file.
+        /// The file at fault: the key file for a key that cannot be
+        /// read, else the certificate file.
         path: PathBuf,
         reason: String,
     },
@@ -209,8 +210,11 @@ impl CertificateAuthority {
             path: cert_path.to_owned(),
             reason,
         };
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| unusable(format!("the key cannot be read ({e})")))?;
+        // Names the key file: that is the file to fix.
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Unusable {
+            path: key_path.to_owned(),
+            reason: format!("the key cannot be read ({e})"),
+        })?;
         let facts = check::read(&cert_pem).map_err(unusable)?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| unusable(format!("key and certificate do not match ({e})")))?;

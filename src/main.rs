@@ -1,5 +1,6 @@
-//! The `kube-audience-proxy` binary: parse, set up logging, [`run`], and map
-//! the outcome to an exit code (64: fix the configuration; 1: anything else).
+//! The `kube-audience-proxy` binary: disable core dumps, parse, set up
+//! logging, [`run`], and map the outcome to an exit code (64: fix the
+//! configuration; 1: anything else).
 
 // Runtime code never unwraps; tests may.
 #![warn(clippy::unwrap_used, clippy::expect_used)]
@@ -12,6 +13,10 @@ use kube_audience_proxy::config::{Cli, Config};
 use kube_audience_proxy::{RunError, run, shutdown, telemetry};
 
 fn main() -> ExitCode {
+    if let Err(error) = disable_core_dumps() {
+        eprintln!("kube-audience-proxy: cannot disable core dumps: {error}");
+        return ExitCode::FAILURE;
+    }
     match start() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -35,6 +40,24 @@ fn start() -> Result<(), RunError> {
         let shutdown = shutdown::signal();
         run(config, shutdown).await
     })
+}
+
+/// A crash must not write the tokens and the CA key held in memory to disk:
+/// no core file (RLIMIT_CORE 0, soft and hard, so no child can raise it
+/// again) and not dumpable (no core whatever the limit or `core_pattern`
+/// pipe, and no ptrace or /proc/PID/mem access by other processes of the
+/// same user). Before any thread or secret exists. Lowering a limit and
+/// clearing the flag cannot fail on Linux short of a seccomp filter; if
+/// they do, the process refuses to run rather than run unprotected.
+fn disable_core_dumps() -> std::io::Result<()> {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    let none = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    setrlimit(Resource::Core, none)?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    Ok(())
 }
 
 /// Into the log once logging is up (so it keeps the configured format),

@@ -5,7 +5,8 @@
 //! the gRPC listener and the admin endpoints on the admin listener until the
 //! shutdown future completes. The server's health (`""`) follows
 //! [`Readiness`] from the moment both serve. At shutdown: health goes NOT_SERVING, the processor
-//! keeps serving for the drain delay (so Envoy stops sending first), stops
+//! keeps serving for the drain delay (so Envoy stops sending first), ends the
+//! streams that live as long as the server (SDS, health watches), stops
 //! accepting, waits for in-flight streams (bounded), and returns.
 
 use std::future::Future;
@@ -15,8 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::watch;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::{HealthReporter, HealthService};
@@ -94,7 +96,7 @@ impl Listeners {
                     address: format!("unix:{}", path.display()),
                     reason,
                 };
-                remove_stale_socket(path).map_err(grpc_error)?;
+                remove_stale_socket(path).await.map_err(grpc_error)?;
                 let listener = UnixListener::bind(path).map_err(grpc_error)?;
                 GrpcListener::Unix(listener, path.clone())
             }
@@ -125,12 +127,24 @@ impl Listeners {
     }
 }
 
-/// A socket file left by a previous run would make `bind` fail; anything
-/// that is not a socket is left alone (and `bind` reports it).
-fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+/// A socket file left by a previous run would make `bind` fail, so it is
+/// removed, but only when nobody listens on it any more (connecting is
+/// refused): a socket another process serves is in use, like a taken port.
+/// Anything that is not a socket is left alone (and `bind` reports it).
+async fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)
+            }
+            // Accepted, or a full backlog (WouldBlock): someone listens.
+            Ok(_) => Err(std::io::ErrorKind::AddrInUse.into()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(std::io::ErrorKind::AddrInUse.into())
+            }
+            Err(e) => Err(e),
+        },
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
@@ -207,6 +221,13 @@ pub(crate) async fn serve<S: TokenSource>(
     if let Some(sds) = sds_handle {
         sds.close_streams();
     }
+    // Health watch streams also last as long as the server: forgetting the
+    // statuses ends them (their watchers saw NOT_SERVING already).
+    let mut statuses = reporter.clone();
+    statuses.clear_service_status("").await;
+    statuses
+        .clear_service_status(<ExternalProcessorServer<ExtProc<S>> as NamedService>::NAME)
+        .await;
     let _ = stop_tx.send(true);
 
     let result = match tokio::time::timeout(DRAIN_TIMEOUT, grpc).await {

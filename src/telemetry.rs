@@ -29,6 +29,9 @@ pub fn filter(level: LogLevel) -> Targets {
     let own = level_filter(level);
     Targets::new()
         .with_target(env!("CARGO_CRATE_NAME"), own)
+        // kube's request trace logs every failed API call at `error`, with
+        // less than the processor's own line about the same failure says.
+        .with_target("kube_client::client::builder", LevelFilter::OFF)
         .with_default(own.min(LevelFilter::INFO))
 }
 
@@ -65,5 +68,9 @@ mod tests {
         assert!(shown.contains("info"), "{shown}");
         let none = filter(LogLevel::None).to_string();
         assert!(none.contains("kube_audience_proxy=off"), "{none}");
+        assert!(
+            shown.contains("kube_client::client::builder=off"),
+            "{shown}"
+        );
     }
 }

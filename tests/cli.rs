@@ -222,7 +222,8 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     })
     .await;
     assert_eq!(not_serving, Ok(true), "health reports NOT_SERVING");
-    // The drain waits for in-flight streams: this one must not hold it up.
+    // Done watching (the server ends watch streams itself after the delay,
+    // see sigterm_ends_health_watch_streams_after_the_delay).
     drop(health);
     let (code, _) = support::curl::get(&format!("http://{admin}/readyz")).await;
     assert_eq!(code, 503);
@@ -323,4 +324,69 @@ async fn a_persisted_ca_survives_a_restart_and_its_key_is_never_logged() {
         text.contains("cannot write /nonexistent-dir/ca.crt"),
         "{text}"
     );
+}
+
+/// A gRPC client watching health (as gRPC's client-side health checking
+/// does) holds a stream open for as long as the server lives: at SIGTERM it
+/// sees NOT_SERVING, then its stream ends once the drain delay is over, so
+/// the drain does not wait for its in-flight bound.
+#[tokio::test]
+async fn sigterm_ends_health_watch_streams_after_the_delay() {
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let processor = Processor::start(&kubeconfig.path, &["--shutdown-delay", "1s"]).await;
+    let channel = support::inproc::connect(&processor.grpc).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Ready first (readiness reports SERVING once the listeners serve).
+    let ready = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(answer) = health.message().await.unwrap() {
+            if answer.status() == ServingStatus::Serving {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ready, Ok(true));
+    let signalled = tokio::time::Instant::now();
+    let terminated = tokio::spawn(processor.terminate());
+    let mut seen = vec![];
+    let watched = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match health.message().await {
+                Ok(Some(answer)) => seen.push(answer.status().as_str_name().to_owned()),
+                Ok(None) => {
+                    seen.push("end of stream".to_owned());
+                    break;
+                }
+                Err(status) => {
+                    seen.push(format!("error {:?}", status.code()));
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(watched.is_ok(), "{seen:?}");
+    let (status, logs) = terminated.await.unwrap();
+    let took = signalled.elapsed();
+    println!("watch saw {seen:?}; SIGTERM to exit {took:?}");
+    let prompt = took < Duration::from_secs(1 + 10) && !logs.contains("did not finish in time");
+    let observed = format!(
+        "watch: {}; exit {} {}",
+        seen.join(", then "),
+        status.code().unwrap_or(-1),
+        if prompt {
+            "after the drain delay, without waiting for the in-flight bound"
+        } else {
+            "only at the in-flight bound"
+        }
+    );
+    support::reliability::check("processor-sigterm-health-watch", &observed);
 }

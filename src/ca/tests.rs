@@ -135,6 +135,12 @@ fn persisted_ca_is_created_once_then_reused() {
     fs::write(&key, "garbage").unwrap();
     let err = CertificateAuthority::init(&settings, &hosts(), LEAF, SystemTime::now()).unwrap_err();
     assert!(err.to_string().contains("unusable"), "{err}");
+    // The message names the key file, the one to fix.
+    let named = format!(
+        "the CA in {} is unusable: the key cannot be read",
+        key.display()
+    );
+    assert!(err.to_string().starts_with(&named), "{err}");
 }
 
 #[test]

@@ -189,6 +189,34 @@ impl Processor {
     }
 }
 
+// === process faults (tests/faults_process.rs, tests/faults_envoy.rs) ===
+
+impl Processor {
+    /// Sends SIGKILL, waits (bounded) until the process is gone and its pipes
+    /// are drained; returns the exit status and everything it logged.
+    pub async fn kill(mut self) -> (ExitStatus, String) {
+        self.child.start_kill().expect("SIGKILL");
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the processor dies after SIGKILL")
+            .unwrap();
+        for reader in std::mem::take(&mut self.readers) {
+            tokio::time::timeout(Duration::from_secs(20), reader)
+                .await
+                .expect("the log readers reach the end of the pipes")
+                .unwrap();
+        }
+        (status, self.logs())
+    }
+}
+
+/// A free loopback address for a processor that must come back on the same
+/// address after a restart (bound, read back, released).
+pub fn free_loopback_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
 /// The value of `key` in a JSON log line or of `key=` in a logfmt line.
 fn field(line: &str, key: &str) -> Option<String> {
     if line.starts_with('{') {
