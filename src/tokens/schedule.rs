@@ -196,10 +196,7 @@ mod tests {
                 );
                 // Room for retries: 30 s, or a fifth of a short usable time.
                 let room = (usable / 5).min(p.expiry_margin);
-                assert!(
-                    usable - at >= room - Duration::from_millis(1),
-                    "{secs} s"
-                );
+                assert!(usable - at >= room - Duration::from_millis(1), "{secs} s");
             }
         }
         // Lifetimes one may ask for (>= 600 s) keep the 80 % rule exactly.
