@@ -443,3 +443,20 @@ async fn a_tls_failure_with_fail_open_passes_requests_without_a_token() {
     let attempts = usize::try_from(attempts).unwrap();
     reliability::check("api-tls-fail-open", &observed(&seen, "", attempts));
 }
+
+#[tokio::test]
+async fn a_tls_handshake_cut_short() {
+    let stack = Arc::new(Stack::start(&[]).await);
+    let (seen, attempts) = whole_server_fault(
+        stack.clone(),
+        "handshake",
+        async |s: &Stack| s.api.listen_again(Listening::CloseInHandshake).await,
+        async |s: &Stack| s.api.listen_again(Listening::Normal).await,
+    )
+    .await;
+    let attempts = usize::try_from(attempts).unwrap();
+    reliability::check(
+        "api-tls-handshake-closed",
+        &observed(&seen, "could not reach the API server", attempts),
+    );
+}

@@ -119,6 +119,9 @@ pub enum Listening {
     /// With a certificate from another CA, which no client of this server
     /// trusts: every TLS handshake fails.
     WrongCa,
+    /// Closing every connection once the client's hello arrived, before
+    /// any answer: every TLS handshake is cut short.
+    CloseInHandshake,
 }
 
 struct State {
@@ -243,13 +246,14 @@ impl FakeApiServer {
     pub async fn listen_again(&self, how: Listening) {
         self.stop_listening();
         let config = match how {
-            Listening::Normal => self.tls_config.clone(),
-            Listening::WrongCa => Arc::new(
+            Listening::CloseInHandshake => None,
+            Listening::Normal => Some(self.tls_config.clone()),
+            Listening::WrongCa => Some(Arc::new(
                 tokio::task::spawn_blocking(generate_tls)
                     .await
                     .expect("generate keys")
                     .1,
-            ),
+            )),
         };
         // Polled with a deadline: the aborted loop drops its listener as
         // its task ends, a moment after the abort.
@@ -265,9 +269,14 @@ impl FakeApiServer {
             }
         };
         let state = self.state.clone();
-        let task = spawn_accept_loop(listener, Some(TlsAcceptor::from(config)), move |req| {
-            handle(state.clone(), req)
-        });
+        let task = match config {
+            Some(config) => {
+                spawn_accept_loop(listener, Some(TlsAcceptor::from(config)), move |req| {
+                    handle(state.clone(), req)
+                })
+            }
+            None => tokio::spawn(close_in_handshake(listener)),
+        };
         lock(&self.relistened).push(task);
     }
 
@@ -917,6 +926,23 @@ fn take_audience_fault(state: &State, audience: &str) -> Option<Fault> {
         }
     }
     Some(fault)
+}
+
+/// Accepts connections and closes each once the client's first bytes (its
+/// TLS hello) arrived, or after 5 s.
+async fn close_in_handshake(listener: TcpListener) {
+    use tokio::io::AsyncReadExt as _;
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            // Not synchronisation: a failed accept is retried after a pause.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut hello = [0u8; 512];
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut hello)).await;
+        });
+    }
 }
 
 /// Ends the connection task without an answer: the connection is dropped
