@@ -258,6 +258,16 @@ async fn a_429_storm_makes_at_most_two_token_requests() {
         "{made} TokenRequests for 20 requests"
     );
     assert_eq!(s.upstream.count(), 0);
+    let statuses: std::collections::BTreeSet<u16> = replies.iter().map(|r| r.status).collect();
+    let shared = if made <= 2 {
+        "<= 2 TokenRequests".to_owned()
+    } else {
+        format!("{made} TokenRequests")
+    };
+    support::reliability::check(
+        "api-429-storm",
+        &format!("{} x {statuses:?}; {shared}", replies.len()),
+    );
 
     // Recovery: a 429 with `Retry-After: 1`, then a healthy API server. The
     // first answer says 1 s; a client retrying until it succeeds gets its

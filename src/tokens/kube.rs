@@ -103,7 +103,26 @@ impl KubeTokenSource {
                 retry_after.or_else(|| body_retry_after(&bytes)),
             ));
         }
-        parse_issued(&bytes)
+        let issued = parse_issued(&bytes)?;
+        Ok(IssuedToken {
+            expires_at: trusted_expiry(issued.expires_at, SystemTime::now(), self.expiration),
+            ..issued
+        })
+    }
+}
+
+/// The expiry the cache plans with: the one the API server `stated`, but
+/// never later than the lifetime the proxy asked for (`expirationSeconds`)
+/// from `now`. An API server may grant more (its clock runs ahead of ours,
+/// or it extends lifetimes, `--service-account-extend-token-expiration`);
+/// the proxy cannot tell the two apart, so it refreshes on the schedule of
+/// what it asked for: one TokenRequest earlier at worst, never a token held
+/// on the word of a clock it cannot check. A token stated to expire sooner
+/// keeps its stated expiry (and is refreshed sooner).
+fn trusted_expiry(stated: SystemTime, now: SystemTime, asked: Duration) -> SystemTime {
+    match now.checked_add(asked) {
+        Some(limit) => stated.min(limit),
+        None => stated,
     }
 }
 
@@ -238,6 +257,18 @@ mod tests {
         );
         assert_eq!(status_error(503, None), Error::Server { status: 503 });
         assert_eq!(status_error(302, None), Error::Unexpected { status: 302 });
+    }
+
+    #[test]
+    fn a_token_is_not_trusted_beyond_the_lifetime_asked_for() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let asked = Duration::from_secs(600);
+        let far = now + Duration::from_secs(600 + 3600);
+        assert_eq!(trusted_expiry(far, now, asked), now + asked);
+        let near = now + Duration::from_secs(20);
+        assert_eq!(trusted_expiry(near, now, asked), near);
+        let past = now - Duration::from_secs(60);
+        assert_eq!(trusted_expiry(past, now, asked), past);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //!
 //! - A token is refreshed in the background once 80 % of its lifetime has
 //!   passed (the kubelet's rule for projected tokens), minus a little jitter
-//!   so that many audiences minted together do not refresh together.
+//!   so that many audiences minted together do not refresh together; a
+//!   short-lived one (an API server whose clock is behind) no later than 80 %
+//!   of its usable time, so the refresh and its retries come while it can
+//!   still be served.
 //! - A token is served until [`Policy::expiry_margin`] before it expires,
 //!   even while refreshes fail; after that the proxy fails closed.
 //! - Failed refreshes are retried with exponential backoff; a `Retry-After`
@@ -57,10 +60,29 @@ impl Default for Policy {
 impl Policy {
     /// When, after receipt, a token of `lifetime` should be refreshed.
     /// `jitter` is a number in `[0, 1)` (random in production).
+    ///
+    /// Never later than [`Policy::latest_refresh`]: a token the API server
+    /// states to expire soon (its clock behind ours) would otherwise stop
+    /// being usable before its 80 % point, with no refresh tried while it
+    /// could still be served.
     pub(crate) fn refresh_after(&self, lifetime: Duration, jitter: f64) -> Duration {
         let jitter = jitter.clamp(0.0, 1.0);
         let fraction = (self.refresh_fraction - self.jitter_fraction * jitter).max(0.0);
-        lifetime.mul_f64(fraction)
+        lifetime
+            .mul_f64(fraction)
+            .min(self.latest_refresh(lifetime))
+    }
+
+    /// The latest refresh point of a token of `lifetime`: one
+    /// [`Policy::expiry_margin`] before it stops being usable, or, for a
+    /// short one, the refresh fraction of its usable time, so that retries
+    /// always fit before the end. Above 300 s of lifetime it is later than
+    /// the 80 % point (no effect on tokens of the lifetimes one may ask for).
+    fn latest_refresh(&self, lifetime: Duration) -> Duration {
+        let usable = self.usable_for(lifetime);
+        usable
+            .saturating_sub(self.expiry_margin)
+            .max(usable.mul_f64(self.refresh_fraction))
     }
 
     /// For how long, after receipt, a token of `lifetime` may be handed out.
@@ -153,6 +175,35 @@ mod tests {
                 assert!(p.refresh_after(lifetime, jitter) < p.usable_for(lifetime));
             }
         }
+    }
+
+    #[test]
+    fn a_short_lifetime_is_refreshed_while_still_usable() {
+        let p = Policy::default();
+        // A token stated to live 40 s (the API server's clock behind ours):
+        // usable for 10 s, refreshed after 8 s, not at 32 s.
+        let secs = |d: Duration| d.as_secs_f64();
+        assert_eq!(secs(p.refresh_after(Duration::from_secs(40), 0.0)), 8.0);
+        assert_eq!(secs(p.refresh_after(Duration::from_secs(100), 0.5)), 56.0);
+        for secs in 31u64..=600 {
+            let lifetime = Duration::from_secs(secs);
+            for jitter in [0.0, 0.5, 0.999] {
+                let at = p.refresh_after(lifetime, jitter);
+                let usable = p.usable_for(lifetime);
+                assert!(
+                    at < usable,
+                    "{secs} s: refresh at {at:?}, usable {usable:?}"
+                );
+                // Room for retries: 30 s, or a fifth of a short usable time.
+                let room = (usable / 5).min(p.expiry_margin);
+                assert!(usable - at >= room - Duration::from_millis(1), "{secs} s");
+            }
+        }
+        // Lifetimes one may ask for (>= 600 s) keep the 80 % rule exactly.
+        assert_eq!(
+            p.refresh_after(Duration::from_secs(600), 0.0),
+            Duration::from_secs(480)
+        );
     }
 
     #[test]

@@ -94,6 +94,34 @@ pub enum Fault {
     /// (at once once released). [`FakeApiServer::wait_for_held`] sees how
     /// many are waiting, so a test can hold requests in flight together.
     Hold,
+    /// 429 with neither `Retry-After` nor `details.retryAfterSeconds`.
+    TooManyRequestsWithoutRetryAfter,
+    /// `201 Created` whose body is not JSON (an HTML error page of a proxy
+    /// in front of the API server).
+    NotJson,
+    /// A token whose answer lacks `status.expirationTimestamp`.
+    NoExpiration,
+    /// A token that expires this many seconds after it is issued (negative:
+    /// already expired), whatever `expirationSeconds` asked: `exp` and
+    /// `status.expirationTimestamp` agree, as with an API server whose
+    /// clock is off by the difference.
+    ExpiresIn(i64),
+    /// The connection is dropped after the request was read, without an
+    /// answer (the client sees the connection closed mid-exchange).
+    Reset,
+}
+
+/// How [`FakeApiServer::listen_again`] serves TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listening {
+    /// With its own certificate, as before.
+    Normal,
+    /// With a certificate from another CA, which no client of this server
+    /// trusts: every TLS handshake fails.
+    WrongCa,
+    /// Closing every connection once the client's hello arrived, before
+    /// any answer: every TLS handshake is cut short.
+    CloseInHandshake,
 }
 
 struct State {
@@ -109,6 +137,9 @@ struct State {
     issued: Mutex<Vec<String>>,
     statuses: Mutex<Vec<u16>>,
     faults: Mutex<VecDeque<(Fault, usize)>>,
+    /// Faults for the token requests of one audience (the first requested),
+    /// taken before [`State::faults`]; see [`FakeApiServer::inject_for`].
+    audience_faults: Mutex<HashMap<String, VecDeque<(Fault, usize)>>>,
     latency: Mutex<Duration>,
     /// When set, tokens live this long whatever `expirationSeconds` asked
     /// (a short-lived or clock-skewed API server); see [`FakeApiServer::set_lifetime`].
@@ -133,12 +164,17 @@ pub struct FakeApiServer {
     ca_pem: String,
     verifier: JwtVerifier,
     task: JoinHandle<()>,
+    /// The serving configuration, for [`FakeApiServer::listen_again`].
+    tls_config: Arc<rustls::ServerConfig>,
+    /// Accept loops started by [`FakeApiServer::listen_again`].
+    relistened: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
         let _ = self.state.shutdown.send(true);
         self.task.abort();
+        lock(&self.relistened).iter().for_each(JoinHandle::abort);
     }
 }
 
@@ -164,6 +200,7 @@ impl FakeApiServer {
             issued: Mutex::new(Vec::new()),
             statuses: Mutex::new(Vec::new()),
             faults: Mutex::new(VecDeque::new()),
+            audience_faults: Mutex::new(HashMap::new()),
             latency: Mutex::new(Duration::ZERO),
             lifetime: Mutex::new(None),
             discovery_requests: watch::Sender::new(0),
@@ -177,9 +214,10 @@ impl FakeApiServer {
             .expect("bind fake apiserver");
         let addr = listener.local_addr().expect("local addr");
         let handler_state = state.clone();
+        let tls_config = Arc::new(tls_config);
         let task = spawn_accept_loop(
             listener,
-            Some(TlsAcceptor::from(Arc::new(tls_config))),
+            Some(TlsAcceptor::from(tls_config.clone())),
             move |req| handle(handler_state.clone(), req),
         );
         FakeApiServer {
@@ -188,7 +226,58 @@ impl FakeApiServer {
             ca_pem,
             verifier,
             task,
+            tls_config,
+            relistened: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Closes the listener and every open connection (the API server is
+    /// down: connections are refused) until [`listen_again`](Self::listen_again).
+    pub fn stop_listening(&self) {
+        self.task.abort();
+        lock(&self.relistened)
+            .drain(..)
+            .for_each(|task| task.abort());
+    }
+
+    /// Listens on the same address again (after
+    /// [`stop_listening`](Self::stop_listening)), serving TLS as `how` says;
+    /// counters, faults and keys are those of before.
+    pub async fn listen_again(&self, how: Listening) {
+        self.stop_listening();
+        let config = match how {
+            Listening::CloseInHandshake => None,
+            Listening::Normal => Some(self.tls_config.clone()),
+            Listening::WrongCa => Some(Arc::new(
+                tokio::task::spawn_blocking(generate_tls)
+                    .await
+                    .expect("generate keys")
+                    .1,
+            )),
+        };
+        // Polled with a deadline: the aborted loop drops its listener as
+        // its task ends, a moment after the abort.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("bind {} again: {e}", self.addr),
+            }
+        };
+        let state = self.state.clone();
+        let task = match config {
+            Some(config) => {
+                spawn_accept_loop(listener, Some(TlsAcceptor::from(config)), move |req| {
+                    handle(state.clone(), req)
+                })
+            }
+            None => tokio::spawn(close_in_handshake(listener)),
+        };
+        lock(&self.relistened).push(task);
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -335,7 +424,21 @@ impl FakeApiServer {
         self.state.released.send_replace(true);
     }
 
+    /// The next `times` authenticated token requests whose first audience
+    /// is `audience` get `fault` (`usize::MAX` = until
+    /// [`clear_faults`](Self::clear_faults)), before any fault of
+    /// [`inject`](Self::inject): several audiences fail differently at once.
+    pub fn inject_for(&self, audience: &str, fault: Fault, times: usize) {
+        if times > 0 {
+            lock(&self.state.audience_faults)
+                .entry(audience.to_owned())
+                .or_default()
+                .push_back((fault, times));
+        }
+    }
+
     pub fn clear_faults(&self) {
+        lock(&self.state.audience_faults).clear();
         lock(&self.state.faults).clear();
         lock(&self.state.discovery_faults).clear();
     }
@@ -547,12 +650,27 @@ async fn token_request(
         }
     }
 
-    if let Some(fault) = take_fault(state) {
+    let first_audience = parsed
+        .as_ref()
+        .ok()
+        .and_then(|v| v.pointer("/spec/audiences/0"))
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_AUDIENCE)
+        .to_owned();
+    // How the minted token's expiry is changed: `None` leaves it, `Some(None)`
+    // omits it, `Some(Some(secs))` sets it `secs` after issue.
+    let mut expiry: Option<Option<i64>> = None;
+    if let Some(fault) = take_audience_fault(state, &first_audience).or_else(|| take_fault(state)) {
         match fault {
             Fault::Status(code) => return fault_status(code),
             Fault::TooManyRequests { retry_after_secs } => {
                 return too_many_requests(retry_after_secs);
             }
+            Fault::TooManyRequestsWithoutRetryAfter => return too_many_requests_bare(),
+            Fault::NotJson => return not_json(),
+            Fault::Reset => reset_connection(),
+            Fault::NoExpiration => expiry = Some(None),
+            Fault::ExpiresIn(secs) => expiry = Some(Some(secs)),
             Fault::Delay(d) => tokio::time::sleep(d).await,
             Fault::Hold => hold(state).await,
             Fault::Hang => {
@@ -689,9 +807,10 @@ async fn token_request(
 
     // Mint.
     let now = now_unix();
-    let exp = match *lock(&state.lifetime) {
-        Some(lifetime) => now + i64::try_from(lifetime.as_secs()).unwrap(),
-        None => now + expiration,
+    let exp = match (expiry, *lock(&state.lifetime)) {
+        (Some(Some(secs)), _) => now + secs,
+        (_, Some(lifetime)) => now + i64::try_from(lifetime.as_secs()).unwrap(),
+        (_, None) => now + expiration,
     };
     let mut kube = Map::new();
     kube.insert("namespace".into(), json!(ns));
@@ -731,9 +850,10 @@ async fn token_request(
             "creationTimestamp": rfc3339(now),
         },
         "spec": out_spec,
-        "status": {
-            "token": token,
-            "expirationTimestamp": rfc3339(exp),
+        "status": if expiry == Some(None) {
+            json!({"token": token})
+        } else {
+            json!({"token": token, "expirationTimestamp": rfc3339(exp)})
         },
     });
     json_response(StatusCode::CREATED, &body)
@@ -758,6 +878,10 @@ async fn discovery(state: &State, method: &Method) -> Response<Full<Bytes>> {
             Fault::TooManyRequests { retry_after_secs } => {
                 return too_many_requests(retry_after_secs);
             }
+            Fault::TooManyRequestsWithoutRetryAfter => return too_many_requests_bare(),
+            Fault::NotJson => return not_json(),
+            Fault::Reset => reset_connection(),
+            Fault::NoExpiration | Fault::ExpiresIn(_) => {}
             Fault::Delay(d) => tokio::time::sleep(d).await,
             Fault::Hold => hold(state).await,
             Fault::Hang => {
@@ -789,6 +913,64 @@ async fn hold(state: &State) {
 
 fn take_fault(state: &State) -> Option<Fault> {
     next_fault(&state.faults)
+}
+
+fn take_audience_fault(state: &State, audience: &str) -> Option<Fault> {
+    let mut faults = lock(&state.audience_faults);
+    let (fault, remaining) = faults.get_mut(audience)?.front_mut()?;
+    let fault = fault.clone();
+    if *remaining != usize::MAX {
+        *remaining -= 1;
+        if *remaining == 0 {
+            faults.get_mut(audience)?.pop_front();
+        }
+    }
+    Some(fault)
+}
+
+/// Accepts connections and closes each once the client's first bytes (its
+/// TLS hello) arrived, or after 5 s.
+async fn close_in_handshake(listener: TcpListener) {
+    use tokio::io::AsyncReadExt as _;
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            // Not synchronisation: a failed accept is retried after a pause.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut hello = [0u8; 512];
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut hello)).await;
+        });
+    }
+}
+
+/// Ends the connection task without an answer: the connection is dropped
+/// with the request read and unanswered. `resume_unwind` skips the panic
+/// hook (nothing printed); the accept loop's task set absorbs the unwind.
+fn reset_connection() -> ! {
+    std::panic::resume_unwind(Box::new("injected connection reset"))
+}
+
+/// 429 as a server sends it that gives no hint when to come back.
+fn too_many_requests_bare() -> Response<Full<Bytes>> {
+    status_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TooManyRequests",
+        "Too many requests, please try again later.",
+        None,
+    )
+}
+
+/// A success whose body is an HTML page, not a TokenRequest.
+fn not_json() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(
+        b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+    )));
+    *resp.status_mut() = StatusCode::CREATED;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    resp
 }
 
 fn next_fault(queue: &Mutex<VecDeque<(Fault, usize)>>) -> Option<Fault> {
