@@ -42,13 +42,21 @@ fn checked_ids(source: &str) -> Vec<String> {
 #[test]
 fn every_row_names_a_test_that_checks_it() {
     let rows = reliability::rows();
-    assert!(rows.len() >= 20, "RELIABILITY.md holds {} fault rows", rows.len());
+    assert!(
+        rows.len() >= 20,
+        "RELIABILITY.md holds {} fault rows",
+        rows.len()
+    );
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut seen = BTreeSet::new();
     for row in &rows {
         assert!(seen.insert(row.id.clone()), "duplicate row id `{}`", row.id);
         assert!(
-            !row.id.is_empty() && row.id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+            !row.id.is_empty()
+                && row
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
             "row id `{}`: lower-case words joined by `-`",
             row.id
         );
@@ -65,7 +73,11 @@ fn every_row_names_a_test_that_checks_it() {
             .test
             .split_once("::")
             .unwrap_or_else(|| panic!("row `{}`: Test must be `tests/FILE.rs::function`", row.id));
-        assert!(file.starts_with("tests/"), "row `{}`: {file} is not an integration test", row.id);
+        assert!(
+            file.starts_with("tests/"),
+            "row `{}`: {file} is not an integration test",
+            row.id
+        );
         let source = std::fs::read_to_string(root.join(file))
             .unwrap_or_else(|e| panic!("row `{}`: {file}: {e}", row.id));
         let body = function_body(&source, function)
@@ -100,7 +112,11 @@ fn every_check_in_the_tests_names_a_row_of_its_file() {
     }
     let mut checks = 0;
     for path in files {
-        let relative = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        let relative = path
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         if relative == "tests/reliability.rs" || relative.starts_with("tests/support/") {
             continue;
         }
@@ -116,7 +132,11 @@ fn every_check_in_the_tests_names_a_row_of_its_file() {
             );
         }
     }
-    assert!(checks >= rows.len(), "{checks} checks for {} rows", rows.len());
+    assert!(
+        checks >= rows.len(),
+        "{checks} checks for {} rows",
+        rows.len()
+    );
 }
 
 #[test]

@@ -110,6 +110,11 @@ impl Processor {
         }
     }
 
+    /// The process id (to read `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the processor is running")
+    }
+
     /// Everything the process logged so far.
     pub fn logs(&self) -> String {
         self.log.borrow().clone()

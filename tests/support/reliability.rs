@@ -62,7 +62,11 @@ pub fn parse(text: &str) -> Vec<Row> {
             in_table = true;
             continue;
         }
-        if !in_table || cells.iter().all(|c| c.chars().all(|ch| ch == '-' || ch == ':')) {
+        if !in_table
+            || cells
+                .iter()
+                .all(|c| c.chars().all(|ch| ch == '-' || ch == ':'))
+        {
             continue;
         }
         assert_eq!(
