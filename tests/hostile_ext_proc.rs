@@ -6,77 +6,19 @@
 
 mod support;
 
-use std::time::Duration;
-
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
-use support::apiserver::{ApiServerOptions, FakeApiServer};
-use support::hostile::{RssBound, bearer, still_up, wait_metric};
+use support::apiserver::FakeApiServer;
+use support::hostile::{
+    RSS_MARGIN_MIB, RssBound, Setup, bearer, get_raw, header, headers, setup, still_up,
+};
 use support::inproc::connect;
-use support::processor::Processor;
-use support::reliability::check;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use support::reliability;
 use tonic::transport::Channel;
-
-/// Growth of the resident size allowed over a whole test, far above what
-/// the cases need when nothing leaks, far below what a leak of their input
-/// (tens of MiB per case) would add.
-const RSS_MARGIN_MIB: u64 = 64;
-
-struct Setup {
-    api: FakeApiServer,
-    proc: Processor,
-    _kubeconfig: support::Kubeconfig,
-}
-
-async fn setup() -> Setup {
-    let api = FakeApiServer::start(ApiServerOptions::default()).await;
-    let kubeconfig = support::Kubeconfig::of(&api);
-    let proc = Processor::start(&kubeconfig.path, &[]).await;
-    Setup {
-        api,
-        proc,
-        _kubeconfig: kubeconfig,
-    }
-}
-
-fn header(key: &str, value: &[u8]) -> HeaderValue {
-    HeaderValue {
-        key: key.to_owned(),
-        value: String::new(),
-        raw_value: value.to_vec(),
-    }
-}
-
-/// A `request_headers` message with exactly `headers` (raw bytes).
-fn headers(headers: Vec<HeaderValue>) -> ProcessingRequest {
-    ProcessingRequest {
-        request: Some(Phase::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap { headers }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
-}
-
-/// A GET for the raw `path` with `extra` headers.
-fn get_raw(path: &[u8], extra: Vec<HeaderValue>) -> ProcessingRequest {
-    let mut all = vec![
-        header(":method", b"GET"),
-        header(":scheme", b"http"),
-        header(":authority", b"upstream.test"),
-        header(":path", path),
-    ];
-    all.extend(extra);
-    headers(all)
-}
 
 /// Sends `messages` on one new stream, closes it and reads every answer.
 async fn exchange(
@@ -166,16 +108,15 @@ async fn repeat(
     first
 }
 
-/// Checks row `id`: the outcomes of its cases, then whether the processor
-/// still serves and its memory stayed within the bound.
-async fn verdict(s: &Setup, rss: &RssBound, id: &str, outcomes: &[String]) {
-    let observed = format!(
+/// The Observed cell of row `id`: the outcomes of its cases, then whether
+/// the processor still serves and its memory stayed within the bound.
+async fn verdict(s: &Setup, rss: &RssBound, id: &str, outcomes: &[String]) -> String {
+    format!(
         "{}; {}; {}",
         outcomes.join(", "),
         still_up(&s.proc, &s.api).await,
         rss.verdict(id)
-    );
-    check(id, &observed);
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,13 +137,16 @@ async fn malformed_messages_are_answered_and_the_server_stays_up() {
         }]
     })
     .await;
-    verdict(
-        &s,
-        &rss,
+    reliability::check(
         "ext-no-headers",
-        &[outcome(&s.api, &no_phase), outcome(&s.api, &no_map)],
-    )
-    .await;
+        &verdict(
+            &s,
+            &rss,
+            "ext-no-headers",
+            &[outcome(&s.api, &no_phase), outcome(&s.api, &no_map)],
+        )
+        .await,
+    );
 
     // No :path: the audience header still works, nothing to pass otherwise.
     let no_path_header = repeat(&s, N, || {
@@ -220,30 +164,36 @@ async fn malformed_messages_are_answered_and_the_server_stays_up() {
         ])]
     })
     .await;
-    verdict(
-        &s,
-        &rss,
+    reliability::check(
         "ext-no-path",
-        &[outcome(&s.api, &no_path_header), outcome(&s.api, &no_path)],
-    )
-    .await;
+        &verdict(
+            &s,
+            &rss,
+            "ext-no-path",
+            &[outcome(&s.api, &no_path_header), outcome(&s.api, &no_path)],
+        )
+        .await,
+    );
 
     // Non-UTF-8: as the audience (refused), elsewhere in :path (kept).
     let bad_audience = repeat(&s, N, || vec![get_raw(b"/", vec![aud(b"\xff\xfe")])]).await;
     let raw_path: &[u8] = b"/\xff?x=\xc3\x28&kubernetes-audience=probe&y=\xfe";
     let bad_path = repeat(&s, N, || vec![get_raw(raw_path, vec![])]).await;
     let kept = new_path(&bad_path).as_deref() == Some(&b"/\xff?x=\xc3\x28&y=\xfe"[..]);
-    verdict(
-        &s,
-        &rss,
+    reliability::check(
         "ext-non-utf8",
-        &[
-            outcome(&s.api, &bad_audience),
-            outcome(&s.api, &bad_path),
-            format!("path {}", if kept { "kept" } else { "changed" }),
-        ],
-    )
-    .await;
+        &verdict(
+            &s,
+            &rss,
+            "ext-non-utf8",
+            &[
+                outcome(&s.api, &bad_audience),
+                outcome(&s.api, &bad_path),
+                format!("path {}", if kept { "kept" } else { "changed" }),
+            ],
+        )
+        .await,
+    );
 
     // NUL bytes: in the audience (raw and escaped), and in another value.
     let nul_audience = repeat(&s, N, || vec![get_raw(b"/", vec![aud(b"pro\0be")])]).await;
@@ -258,17 +208,20 @@ async fn malformed_messages_are_answered_and_the_server_stays_up() {
         )]
     })
     .await;
-    verdict(
-        &s,
-        &rss,
+    reliability::check(
         "ext-nul",
-        &[
-            outcome(&s.api, &nul_audience),
-            outcome(&s.api, &nul_escaped),
-            outcome(&s.api, &nul_elsewhere),
-        ],
-    )
-    .await;
+        &verdict(
+            &s,
+            &rss,
+            "ext-nul",
+            &[
+                outcome(&s.api, &nul_audience),
+                outcome(&s.api, &nul_escaped),
+                outcome(&s.api, &nul_elsewhere),
+            ],
+        )
+        .await,
+    );
 
     // A 1 MiB header value: another header (token), the audience (refused).
     let mib = vec![b'a'; 1 << 20];
@@ -280,13 +233,16 @@ async fn malformed_messages_are_answered_and_the_server_stays_up() {
     })
     .await;
     let big_audience = repeat(&s, N, || vec![get_raw(b"/", vec![aud(&mib)])]).await;
-    verdict(
-        &s,
-        &rss,
+    reliability::check(
         "ext-1mib-header",
-        &[outcome(&s.api, &big_other), outcome(&s.api, &big_audience)],
-    )
-    .await;
+        &verdict(
+            &s,
+            &rss,
+            "ext-1mib-header",
+            &[outcome(&s.api, &big_other), outcome(&s.api, &big_audience)],
+        )
+        .await,
+    );
 
     // 10,000 query parameters with the audience in the middle: the other
     // 10,000 survive byte for byte and in order.
@@ -301,16 +257,19 @@ async fn malformed_messages_are_answered_and_the_server_stays_up() {
     );
     let many = repeat(&s, N, || vec![get_raw(long_path.as_bytes(), vec![])]).await;
     let survived = new_path(&many) == Some(format!("/q?{}", others.join("&")).into_bytes());
-    verdict(
-        &s,
-        &rss,
+    reliability::check(
         "ext-10k-params",
-        &[
-            outcome(&s.api, &many),
-            format!("others {}", if survived { "kept" } else { "changed" }),
-        ],
-    )
-    .await;
+        &verdict(
+            &s,
+            &rss,
+            "ext-10k-params",
+            &[
+                outcome(&s.api, &many),
+                format!("others {}", if survived { "kept" } else { "changed" }),
+            ],
+        )
+        .await,
+    );
 
     // The audience repeated: the same value (one audience), two values.
     let same = repeat(&s, N, || {
@@ -327,13 +286,16 @@ async fn malformed_messages_are_answered_and_the_server_stays_up() {
         )]
     })
     .await;
-    verdict(
-        &s,
-        &rss,
+    reliability::check(
         "ext-aud-repeated",
-        &[outcome(&s.api, &same), outcome(&s.api, &differ)],
-    )
-    .await;
+        &verdict(
+            &s,
+            &rss,
+            "ext-aud-repeated",
+            &[outcome(&s.api, &same), outcome(&s.api, &differ)],
+        )
+        .await,
+    );
 
     // Percent-encoded value and name: decoded once.
     let encoded = repeat(&s, N, || {
@@ -345,24 +307,33 @@ async fn malformed_messages_are_answered_and_the_server_stays_up() {
         vec![get_raw(b"/?kubernetes-audience=%2570robe", vec![])]
     })
     .await;
-    verdict(&s, &rss, "ext-aud-encoded", &[outcome(&s.api, &encoded)]).await;
-    verdict(&s, &rss, "ext-aud-double", &[outcome(&s.api, &double)]).await;
+    reliability::check(
+        "ext-aud-encoded",
+        &verdict(&s, &rss, "ext-aud-encoded", &[outcome(&s.api, &encoded)]).await,
+    );
+    reliability::check(
+        "ext-aud-double",
+        &verdict(&s, &rss, "ext-aud-double", &[outcome(&s.api, &double)]).await,
+    );
 
     // Empty: `=` with nothing, a bare name, an empty header.
     let empty_value = repeat(&s, N, || vec![get_raw(b"/?kubernetes-audience=", vec![])]).await;
     let bare = repeat(&s, N, || vec![get_raw(b"/?kubernetes-audience&x", vec![])]).await;
     let empty_header = repeat(&s, N, || vec![get_raw(b"/", vec![aud(b"")])]).await;
-    verdict(
-        &s,
-        &rss,
+    reliability::check(
         "ext-aud-empty",
-        &[
-            outcome(&s.api, &empty_value),
-            outcome(&s.api, &bare),
-            outcome(&s.api, &empty_header),
-        ],
-    )
-    .await;
+        &verdict(
+            &s,
+            &rss,
+            "ext-aud-empty",
+            &[
+                outcome(&s.api, &empty_value),
+                outcome(&s.api, &bare),
+                outcome(&s.api, &empty_header),
+            ],
+        )
+        .await,
+    );
 
     // request_headers twice on one stream.
     let twice = repeat(&s, N, || {
@@ -372,116 +343,121 @@ async fn malformed_messages_are_answered_and_the_server_stays_up() {
         ]
     })
     .await;
-    verdict(&s, &rss, "ext-headers-twice", &[outcome(&s.api, &twice)]).await;
-}
-
-/// Streams opened and never written, spread over a few HTTP/2 connections.
-const IDLE_STREAMS: usize = 10_000;
-const IDLE_CONNECTIONS: usize = 2;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_idle_streams_are_capped_per_connection() {
-    let s = setup().await;
-    assert_eq!(still_up(&s.proc, &s.api).await, "up");
-    let rss = RssBound::new(s.proc.pid(), RSS_MARGIN_MIB);
-    let cap = kube_audience_proxy::MAX_STREAMS_PER_CONNECTION as usize;
-    let expected = IDLE_STREAMS.min(cap * IDLE_CONNECTIONS);
-
-    let mut channels = Vec::new();
-    for _ in 0..IDLE_CONNECTIONS {
-        channels.push(connect(&s.proc.grpc).await);
-    }
-    // Each task opens one stream and holds its (never used) sender.
-    let (opened_tx, mut opened_rx) = mpsc::unbounded_channel::<()>();
-    let mut tasks = Vec::new();
-    for i in 0..IDLE_STREAMS {
-        let mut client = ExternalProcessorClient::new(channels[i % IDLE_CONNECTIONS].clone());
-        let opened_tx = opened_tx.clone();
-        tasks.push(tokio::spawn(async move {
-            let (tx, rx) = mpsc::channel::<ProcessingRequest>(1);
-            let answers = client.process(ReceiverStream::new(rx)).await;
-            let _ = opened_tx.send(());
-            // Hold the stream open, never writing, until aborted.
-            std::future::pending::<()>().await;
-            drop((tx, answers));
-        }));
-    }
-    drop(opened_tx);
-    // The processor counts the streams it serves; wait until it serves as
-    // many as the cap lets through.
-    let open = wait_metric(&s.proc, "ext_proc_streams", Duration::from_secs(60), |v| {
-        v >= expected as f64
-    })
-    .await
-    .unwrap_or_default() as usize;
-    let mut answered = 0;
-    while opened_rx.try_recv().is_ok() {
-        answered += 1;
-    }
-    eprintln!("{open} streams open at the processor, {answered} calls answered");
-    let capped = if open == IDLE_STREAMS {
-        "all 10000 open"
-    } else if open <= cap * IDLE_CONNECTIONS {
-        "capped per connection"
-    } else {
-        "over the cap"
-    };
-    // While they are held open: a normal request still gets its token.
-    let up = still_up(&s.proc, &s.api).await;
-    let memory = rss.verdict("ext-idle-streams");
-    for task in &tasks {
-        task.abort();
-    }
-    drop(channels);
-    let left = wait_metric(&s.proc, "ext_proc_streams", Duration::from_secs(30), |v| {
-        v == 0.0
-    })
-    .await;
-    let closed = if left == Some(0.0) {
-        "all closed"
-    } else {
-        "streams left open"
-    };
-    check(
-        "ext-idle-streams",
-        &format!("{capped}; {up}; {memory}; {closed}"),
+    reliability::check(
+        "ext-headers-twice",
+        &verdict(&s, &rss, "ext-headers-twice", &[outcome(&s.api, &twice)]).await,
     );
 }
 
+/// Messages the processor's protobuf decoder must refuse, sent on the
+/// `Process` method as if they were `ProcessingRequest`s.
+mod garbage {
+    /// `request_headers` (field 2) as a varint: the wrong wire type.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct WrongWireType {
+        #[prost(uint64, tag = "2")]
+        pub request_headers: u64,
+    }
+
+    /// `request_headers` (field 2) holding arbitrary bytes.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RawHeaders {
+        #[prost(bytes = "vec", tag = "2")]
+        pub request_headers: Vec<u8>,
+    }
+
+    /// `request_headers.headers.headers[0].key` as bytes: a header name that
+    /// is not UTF-8 (prost refuses it in a `string` field).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct BadKey {
+        #[prost(message, optional, tag = "2")]
+        pub request_headers: Option<Headers>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Headers {
+        #[prost(message, optional, tag = "1")]
+        pub headers: Option<Map>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Map {
+        #[prost(message, repeated, tag = "1")]
+        pub headers: Vec<Value>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Value {
+        #[prost(bytes = "vec", tag = "1")]
+        pub key: Vec<u8>,
+    }
+}
+
+/// Sends `message` (any prost type) on `Process` and reads the answers.
+async fn send_garbage<M: prost::Message + Default + Send + Sync + 'static>(
+    channel: &Channel,
+    message: M,
+) -> Result<Vec<ProcessingResponse>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let codec = tonic_prost::ProstCodec::<M, ProcessingResponse>::default();
+    let path = http::uri::PathAndQuery::from_static(
+        "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+    );
+    let request = tonic::Request::new(tokio_stream::iter(vec![message]));
+    let mut answers = grpc.streaming(request, path, codec).await?.into_inner();
+    let mut all = Vec::new();
+    while let Some(answer) = answers.message().await? {
+        all.push(answer);
+    }
+    Ok(all)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_sends_faster_than_it_reads_is_held_back() {
+async fn undecodable_messages_end_only_their_stream() {
     let s = setup().await;
     assert_eq!(still_up(&s.proc, &s.api).await, "up");
     let rss = RssBound::new(s.proc.pid(), RSS_MARGIN_MIB);
-    // 20,000 messages of about 4 KiB each (80 MiB) on one stream whose
-    // answers are never read.
-    const OFFERED: usize = 20_000;
-    let filler = vec![b'f'; 4096];
     let channel = connect(&s.proc.grpc).await;
-    let mut client = ExternalProcessorClient::new(channel);
-    let (tx, rx) = mpsc::channel::<ProcessingRequest>(16);
-    let answers = client.process(ReceiverStream::new(rx)).await.unwrap();
-    let mut sent = 0;
-    for _ in 0..OFFERED {
-        let message = get_raw(
-            b"/?kubernetes-audience=probe",
-            vec![header("x-filler", &filler)],
-        );
-        // Flow control stops the sender once the windows are full; a
-        // sender blocked for 2 s is held back.
-        match tokio::time::timeout(Duration::from_secs(2), tx.send(message)).await {
-            Ok(Ok(())) => sent += 1,
-            _ => break,
+    let mut seen = Vec::new();
+    for round in 0..20 {
+        let outcomes = [
+            send_garbage(&channel, garbage::WrongWireType { request_headers: 7 }).await,
+            send_garbage(
+                &channel,
+                garbage::RawHeaders {
+                    request_headers: vec![0x0a, 0xff, 0xff, 0xff],
+                },
+            )
+            .await,
+            send_garbage(
+                &channel,
+                garbage::BadKey {
+                    request_headers: Some(garbage::Headers {
+                        headers: Some(garbage::Map {
+                            headers: vec![garbage::Value {
+                                key: b"\xff\xfe:path".to_vec(),
+                            }],
+                        }),
+                    }),
+                },
+            )
+            .await,
+        ]
+        .map(|result| outcome(&s.api, &result));
+        if round == 0 {
+            seen = outcomes.to_vec();
         }
+        assert_eq!(outcomes.to_vec(), seen, "a repeat answered otherwise");
     }
-    eprintln!("{sent} of {OFFERED} messages taken before the sender was held back");
-    let held = if sent < OFFERED {
-        "held back"
-    } else {
-        "never held back"
-    };
-    let up = still_up(&s.proc, &s.api).await;
-    let memory = rss.verdict("ext-fast-sender");
-    drop((tx, answers));
-    check("ext-fast-sender", &format!("{held}; {up}; {memory}"));
+    // The connection that carried them still serves a normal request.
+    let normal = exchange(
+        &channel,
+        vec![get_raw(b"/?kubernetes-audience=probe", vec![])],
+    )
+    .await;
+    seen.push(format!("then {}", outcome(&s.api, &normal)));
+    reliability::check(
+        "ext-undecodable",
+        &verdict(&s, &rss, "ext-undecodable", &seen).await,
+    );
 }

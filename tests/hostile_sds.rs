@@ -20,7 +20,7 @@ use support::apiserver::{ApiServerOptions, FakeApiServer};
 use support::hostile::{RssBound, still_up};
 use support::inproc::connect;
 use support::processor::Processor;
-use support::reliability::check;
+use support::reliability;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -154,7 +154,7 @@ async fn hostile_sds_clients_are_refused_and_the_server_stays_up() {
     delta.subscribe(&outside).await;
     let outcome = words(tally(&outside, delta.next().await.as_ref()));
     drop(delta);
-    check(
+    reliability::check(
         "sds-outside-list",
         &format!(
             "{outcome}; {}; {}",
@@ -182,7 +182,7 @@ async fn hostile_sds_clients_are_refused_and_the_server_stays_up() {
     delta.subscribe(&absurd).await;
     let outcome = words(tally(&absurd, delta.next().await.as_ref()));
     drop(delta);
-    check(
+    reliability::check(
         "sds-absurd-names",
         &format!(
             "{outcome}; {}; {}",
@@ -204,7 +204,7 @@ async fn hostile_sds_clients_are_refused_and_the_server_stays_up() {
     drop(delta);
     // The closed stream's slots come back: a new name is served again.
     let freed = poll_served(&s, "after.example.com").await;
-    check(
+    reliability::check(
         "sds-10k-names",
         &format!(
             "{first}, then {second}; {freed}; {}; {}",
@@ -226,7 +226,7 @@ async fn hostile_sds_clients_are_refused_and_the_server_stays_up() {
     }
     let quiet = probe_is_next(&mut delta, "noack-probe.example.com").await;
     drop(delta);
-    check(
+    reliability::check(
         "sds-delta-no-ack",
         &format!(
             "{answered} of 50 answered, {quiet}; {}; {}",
@@ -260,7 +260,7 @@ async fn hostile_sds_clients_are_refused_and_the_server_stays_up() {
     }
     let quiet = probe_is_next(&mut delta, "nack-probe.example.com").await;
     drop(delta);
-    check(
+    reliability::check(
         "sds-delta-nack-all",
         &format!(
             "{nacked} NACKed, {quiet}; {}; {}",
@@ -302,7 +302,7 @@ async fn hostile_sds_clients_are_refused_and_the_server_stays_up() {
         nonce = answer.map(|a| a.nonce).unwrap_or_default();
     }
     drop((tx, responses));
-    check(
+    reliability::check(
         "sds-sotw-everything",
         &format!(
             "{}; {}; {}",

@@ -6,11 +6,15 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpHeaders, ProcessingRequest, ProcessingResponse,
+};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use super::apiserver::FakeApiServer;
+use super::apiserver::{ApiServerOptions, FakeApiServer};
 use super::inproc::{connect, get, process_one};
 use super::processor::Processor;
 
@@ -181,4 +185,61 @@ pub async fn wait_metric(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Growth of the resident size allowed over a whole test, far above what
+/// the cases need when nothing leaks, far below what a leak of their input
+/// (tens of MiB per case) would add.
+pub const RSS_MARGIN_MIB: u64 = 64;
+
+/// The real processor binary (the shared test flags) and its API server.
+pub struct Setup {
+    pub api: FakeApiServer,
+    pub proc: Processor,
+    _kubeconfig: super::Kubeconfig,
+}
+
+/// Starts the API server stand-in and the processor binary.
+pub async fn setup() -> Setup {
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let kubeconfig = super::Kubeconfig::of(&api);
+    let proc = Processor::start(&kubeconfig.path, &[]).await;
+    Setup {
+        api,
+        proc,
+        _kubeconfig: kubeconfig,
+    }
+}
+
+/// A header as Envoy sends it: the value in `raw_value` only.
+pub fn header(key: &str, value: &[u8]) -> HeaderValue {
+    HeaderValue {
+        key: key.to_owned(),
+        value: String::new(),
+        raw_value: value.to_vec(),
+    }
+}
+
+/// A `request_headers` message with exactly `headers` (raw bytes).
+pub fn headers(headers: Vec<HeaderValue>) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(Phase::RequestHeaders(HttpHeaders {
+            headers: Some(HeaderMap { headers }),
+            end_of_stream: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// A GET for the raw `path` with `extra` headers.
+pub fn get_raw(path: &[u8], extra: Vec<HeaderValue>) -> ProcessingRequest {
+    let mut all = vec![
+        header(":method", b"GET"),
+        header(":scheme", b"http"),
+        header(":authority", b"upstream.test"),
+        header(":path", path),
+    ];
+    all.extend(extra);
+    headers(all)
 }
