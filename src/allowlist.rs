@@ -176,6 +176,9 @@ impl Allowlist {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::audience::Source;

@@ -333,6 +333,9 @@ fn decode_component(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

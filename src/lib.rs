@@ -46,6 +46,7 @@ pub mod telemetry;
 mod tokens;
 
 pub use app::{App, RunError, run};
+pub use server::MAX_STREAMS_PER_CONNECTION;
 
 /// The request path without the network, for `benches/hot_path.rs`: a
 /// processor over any token source, built from a [`config::Config`] as

@@ -33,6 +33,15 @@ use crate::tokens::TokenSource;
 /// Longest wait for in-flight streams once the drain delay is over.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most concurrent gRPC streams on one HTTP/2 connection (announced in
+/// SETTINGS_MAX_CONCURRENT_STREAMS). tonic announces no limit unless told,
+/// so a client could hold any number of streams (about 16 KiB each, idle)
+/// on one connection. Envoy's own per-connection figure used to be 1024; a
+/// stream beyond the limit waits in Envoy's HTTP/2 codec until one ends.
+/// ext_proc streams last one request, so only a burst of more than 1024
+/// requests all waiting at once (one cold TokenRequest) queues there.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// The gRPC listener: loopback TCP or a Unix socket.
 #[derive(Debug)]
 pub(crate) enum GrpcListener {
@@ -188,6 +197,7 @@ pub(crate) async fn serve<S: TokenSource>(
 
     let sds_handle = sds.clone();
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(tonic_health::pb::health_server::HealthServer::new(health()))
         .add_service(processor.into_service())
         .add_optional_service(sds.map(Sds::into_service));

@@ -32,6 +32,8 @@
 //! Pure code. Hosts are read by the readers of [`crate::intercept`], so a
 //! host means the same here as for interception.
 
+#[cfg(test)]
+mod fuzz;
 mod parse;
 #[cfg(test)]
 mod tests;

@@ -10,6 +10,8 @@
 //! the stream with `INVALID_ARGUMENT`.
 
 pub(crate) mod decision;
+#[cfg(test)]
+mod fuzz;
 pub(crate) mod outcome;
 pub(crate) mod response;
 #[cfg(test)]

@@ -8,6 +8,7 @@
 pub mod apiserver;
 pub mod curl;
 pub mod envoy;
+pub mod hostile;
 pub mod inproc;
 pub mod jwt;
 pub mod processor;
