@@ -174,11 +174,16 @@ impl Processor {
             .status()
             .unwrap();
         assert!(killed.success());
+        self.reap("SIGTERM").await
+    }
+
+    /// Waits (bounded) for the exit status after `signal`, then for the log
+    /// readers to reach the end of the pipes (they close with the process).
+    async fn reap(&mut self, signal: &str) -> (ExitStatus, String) {
         let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
             .await
-            .expect("the processor exits after SIGTERM")
+            .unwrap_or_else(|_| panic!("the processor exits after {signal}"))
             .unwrap();
-        // The pipes close with the process: wait for the readers to reach EOF.
         for reader in std::mem::take(&mut self.readers) {
             tokio::time::timeout(Duration::from_secs(20), reader)
                 .await
@@ -196,17 +201,7 @@ impl Processor {
     /// are drained; returns the exit status and everything it logged.
     pub async fn kill(mut self) -> (ExitStatus, String) {
         self.child.start_kill().expect("SIGKILL");
-        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .expect("the processor dies after SIGKILL")
-            .unwrap();
-        for reader in std::mem::take(&mut self.readers) {
-            tokio::time::timeout(Duration::from_secs(20), reader)
-                .await
-                .expect("the log readers reach the end of the pipes")
-                .unwrap();
-        }
-        (status, self.logs())
+        self.reap("SIGKILL").await
     }
 }
 
