@@ -6,49 +6,11 @@
 mod support;
 
 use serde_yaml::Value;
-use support::apiserver::{ApiServerOptions, FakeApiServer, Fault};
+use support::apiserver::Fault;
 use support::curl;
-use support::envoy::{self, Envoy};
-use support::processor::Processor;
-use support::upstream::{TokenVerdict, Upstream};
-
-struct Stack {
-    api: FakeApiServer,
-    upstream: Upstream,
-    processor: Processor,
-    envoy: Envoy,
-    _kubeconfig: support::Kubeconfig,
-}
-
-impl Stack {
-    async fn start(processor_args: &[&str]) -> Stack {
-        Self::start_with(processor_args, |_| {}).await
-    }
-
-    /// `edit` may change the shipped config (only to add routes).
-    async fn start_with(processor_args: &[&str], edit: impl FnOnce(&mut Value)) -> Stack {
-        let api = FakeApiServer::start(ApiServerOptions::default()).await;
-        let upstream = Upstream::start(api.verifier()).await;
-        let kubeconfig = support::Kubeconfig::of(&api);
-        let processor = Processor::start(&kubeconfig.path, processor_args).await;
-        let mut config = envoy::shipped_config();
-        envoy::point_at_processor(&mut config, &processor.grpc);
-        edit(&mut config);
-        let envoy = Envoy::start(&config).await;
-        Stack {
-            api,
-            upstream,
-            processor,
-            envoy,
-            _kubeconfig: kubeconfig,
-        }
-    }
-
-    async fn get(&self, path_and_query: &str, extra: &[&str]) -> curl::Reply {
-        let url = format!("{}{path_and_query}", self.upstream.url());
-        curl::via_proxy(&self.envoy.proxy_url(), &url, extra).await
-    }
-}
+use support::envoy;
+use support::stack::Stack;
+use support::upstream::TokenVerdict;
 
 #[tokio::test]
 async fn query_parameter_audience_reaches_the_upstream_as_a_bound_token() {

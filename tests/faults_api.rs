@@ -22,10 +22,8 @@ use std::time::Duration;
 
 use support::apiserver::{ApiServerOptions, FakeApiServer, Fault, Listening};
 use support::curl;
-use support::envoy::{self, Envoy};
-use support::processor::Processor;
 use support::reliability;
-use support::upstream::Upstream;
+use support::stack::Stack;
 use tokio::time::Instant;
 
 /// How long every token lives.
@@ -48,34 +46,14 @@ const HEALTHY: u8 = 0;
 const FAILING: u8 = 1;
 const RECOVERING: u8 = 2;
 
-pub struct Stack {
-    pub api: FakeApiServer,
-    pub upstream: Upstream,
-    pub processor: Processor,
-    pub envoy: Envoy,
-    _kubeconfig: support::Kubeconfig,
-}
-
 impl Stack {
     /// The stack with [`LIFETIME`] tokens and a 2 s `--token-request-timeout`.
-    async fn start(extra: &[&str]) -> Stack {
+    async fn short_lived(extra: &[&str]) -> Stack {
         let api = FakeApiServer::start(ApiServerOptions::default()).await;
         api.set_lifetime(Some(LIFETIME));
-        let upstream = Upstream::start(api.verifier()).await;
-        let kubeconfig = support::Kubeconfig::of(&api);
         let mut args = vec!["--token-request-timeout", "2s"];
         args.extend_from_slice(extra);
-        let processor = Processor::start(&kubeconfig.path, &args).await;
-        let mut config = envoy::shipped_config();
-        envoy::point_at_processor(&mut config, &processor.grpc);
-        let envoy = Envoy::start(&config).await;
-        Stack {
-            api,
-            upstream,
-            processor,
-            envoy,
-            _kubeconfig: kubeconfig,
-        }
+        Stack::start_on(api, &args, |_| {}).await
     }
 
     /// A GET naming `audience` in the audience header, classified.
@@ -288,7 +266,7 @@ fn observed(seen: &Seen, reason: &str, attempts: usize) -> String {
 
 #[tokio::test]
 async fn cached_tokens_outlive_each_api_server_fault_and_recover() {
-    let stack = Arc::new(Stack::start(&[]).await);
+    let stack = Arc::new(Stack::short_lived(&[]).await);
     let phase = Arc::new(AtomicU8::new(HEALTHY));
     let out_of_tokens = Arc::new(AtomicUsize::new(0));
     let mut clients = BTreeMap::new();
@@ -415,7 +393,7 @@ async fn whole_server_fault(
 
 #[tokio::test]
 async fn an_api_server_that_goes_down_and_comes_back() {
-    let stack = Arc::new(Stack::start(&[]).await);
+    let stack = Arc::new(Stack::short_lived(&[]).await);
     let (seen, attempts) = whole_server_fault(
         stack.clone(),
         "down",
@@ -432,7 +410,7 @@ async fn an_api_server_that_goes_down_and_comes_back() {
 
 #[tokio::test]
 async fn a_tls_failure_with_fail_open_passes_requests_without_a_token() {
-    let stack = Arc::new(Stack::start(&["--on-token-error", "allow"]).await);
+    let stack = Arc::new(Stack::short_lived(&["--on-token-error", "allow"]).await);
     let (seen, attempts) = whole_server_fault(
         stack.clone(),
         "tls",
@@ -446,7 +424,7 @@ async fn a_tls_failure_with_fail_open_passes_requests_without_a_token() {
 
 #[tokio::test]
 async fn a_tls_handshake_cut_short() {
-    let stack = Arc::new(Stack::start(&[]).await);
+    let stack = Arc::new(Stack::short_lived(&[]).await);
     let (seen, attempts) = whole_server_fault(
         stack.clone(),
         "handshake",

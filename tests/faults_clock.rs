@@ -17,24 +17,14 @@ mod support;
 
 use std::time::Duration;
 
-use support::apiserver::{ApiServerOptions, FakeApiServer, Fault};
+use support::apiserver::Fault;
 use support::curl;
-use support::envoy::{self, Envoy};
 use support::jwt::now_unix;
-use support::processor::Processor;
 use support::reliability;
-use support::upstream::Upstream;
+use support::stack::Stack;
 use tokio::time::Instant;
 
 const POLL: Duration = Duration::from_millis(500);
-
-struct Stack {
-    api: FakeApiServer,
-    upstream: Upstream,
-    processor: Processor,
-    envoy: Envoy,
-    _kubeconfig: support::Kubeconfig,
-}
 
 /// A reply through the proxy: status, and for a 200 the upstream's verdict
 /// (`exp_in_secs`, `jti` not exposed: the token's `exp`).
@@ -45,24 +35,11 @@ struct Reply {
 }
 
 impl Stack {
-    async fn start() -> Stack {
-        let api = FakeApiServer::start(ApiServerOptions::default()).await;
-        let upstream = Upstream::start(api.verifier()).await;
-        let kubeconfig = support::Kubeconfig::of(&api);
-        let processor = Processor::start(&kubeconfig.path, &["--token-expiration", "600s"]).await;
-        let mut config = envoy::shipped_config();
-        envoy::point_at_processor(&mut config, &processor.grpc);
-        let envoy = Envoy::start(&config).await;
-        Stack {
-            api,
-            upstream,
-            processor,
-            envoy,
-            _kubeconfig: kubeconfig,
-        }
+    async fn skewable() -> Stack {
+        Stack::start(&["--token-expiration", "600s"]).await
     }
 
-    async fn get(&self, audience: &str) -> Reply {
+    async fn get_audience(&self, audience: &str) -> Reply {
         let url = format!("{}/x", self.upstream.url());
         let header = format!("x-kubernetes-audience: {audience}");
         let reply = curl::via_proxy(&self.envoy.proxy_url(), &url, &["-H", &header]).await;
@@ -95,7 +72,7 @@ async fn poll_for(s: &Stack, audience: &str, window: Duration) -> Vec<Reply> {
     let end = Instant::now() + window;
     let mut replies = Vec::new();
     while Instant::now() < end {
-        replies.push(s.get(audience).await);
+        replies.push(s.get_audience(audience).await);
         tokio::time::sleep(POLL).await;
     }
     replies
@@ -117,7 +94,7 @@ fn statuses(replies: &[Reply]) -> String {
 
 #[tokio::test]
 async fn a_clock_behind_never_gets_a_token_injected_near_its_expiry() {
-    let s = Stack::start().await;
+    let s = Stack::skewable().await;
     // Stated 20 s from now: unusable at once (30 s margin).
     s.api.inject_for("near", Fault::ExpiresIn(20), usize::MAX);
     // Stated 45 s from now: usable 15 s, refreshed from 12 s.
@@ -180,11 +157,11 @@ async fn a_clock_behind_never_gets_a_token_injected_near_its_expiry() {
 
 #[tokio::test]
 async fn a_clock_ahead_is_not_trusted_beyond_the_lifetime_asked_for() {
-    let s = Stack::start().await;
+    let s = Stack::skewable().await;
     // Stated to live an hour longer than the 600 s asked for.
     s.api
         .inject_for("far", Fault::ExpiresIn(600 + 3600), usize::MAX);
-    let reply = s.get("far").await;
+    let reply = s.get_audience("far").await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let jwt_exp_in = reply.exp_in.unwrap();
     let planned = s

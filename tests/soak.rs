@@ -20,9 +20,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use serde_json::Value;
 use support::apiserver::{ApiServerOptions, FakeApiServer, Fault};
-use support::envoy::{self, Envoy};
 use support::processor::Processor;
-use support::upstream::Upstream;
+use support::stack::Stack;
 use tokio::net::TcpStream;
 
 /// The audiences: the first is prefetched (refreshed by its timer), the
@@ -159,17 +158,18 @@ async fn steady_load_with_short_tokens_and_scheduled_faults() {
     let length = soak_length();
     let api = FakeApiServer::start(ApiServerOptions::default()).await;
     api.set_lifetime(Some(LIFETIME));
-    let upstream = Upstream::start(api.verifier()).await;
-    let kubeconfig = support::Kubeconfig::of(&api);
-    let processor = Processor::start(
-        &kubeconfig.path,
+    let stack = Stack::start_on(
+        api,
         &["--log-level", "info", "--prefetch-audience", AUDIENCES[0]],
+        |_| {},
     )
     .await;
-    let mut config = envoy::shipped_config();
-    envoy::point_at_processor(&mut config, &processor.grpc);
-    let envoy = Envoy::start(&config).await;
-    let proxy = envoy.proxy_url().trim_start_matches("http://").to_owned();
+    let (api, upstream, processor) = (&stack.api, &stack.upstream, &stack.processor);
+    let proxy = stack
+        .envoy
+        .proxy_url()
+        .trim_start_matches("http://")
+        .to_owned();
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..CLIENTS)
@@ -203,7 +203,7 @@ async fn steady_load_with_short_tokens_and_scheduled_faults() {
             );
             bursts += 1;
         }
-        samples.push((start.elapsed(), sample(&processor).await));
+        samples.push((start.elapsed(), sample(processor).await));
     }
     api.clear_faults();
     stop.store(true, Ordering::Relaxed);

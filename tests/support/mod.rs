@@ -13,6 +13,7 @@ pub mod inproc;
 pub mod jwt;
 pub mod processor;
 pub mod reliability;
+pub mod stack;
 pub mod tls;
 pub mod upstream;
 
