@@ -153,29 +153,18 @@ async fn kill_under_load(failure_mode_allow: bool) -> String {
     // complete: the down window starts once 16 more requests met the
     // processor's absence (two per connection).
     let down_signal = if failure_mode_allow { allowed } else { failed };
-    let base = s.stat(down_signal).await;
-    s.wait_for_stat(
-        down_signal,
-        base + 16,
-        "requests while the processor is down",
-    )
-    .await;
+    s.wait_for_more(down_signal, 16, "requests while the processor is down")
+        .await;
     let down_start = snapshot(&s).await;
-    let base = s.stat(down_signal).await;
-    s.wait_for_stat(
-        down_signal,
-        base + 16,
-        "requests while the processor is down",
-    )
-    .await;
+    s.wait_for_more(down_signal, 16, "requests while the processor is down")
+        .await;
     let down_end = snapshot(&s).await;
     let connect_failures = s
         .stat("cluster.kube_audience_proxy.upstream_cx_connect_fail")
         .await;
     let second = s.start_processor(&[]).await;
     // Envoy reconnects on its own: answers from the processor resume.
-    let base = s.stat(answered).await;
-    s.wait_for_stat(answered, base + 16, "answers from the restarted processor")
+    s.wait_for_more(answered, 16, "answers from the restarted processor")
         .await;
     let after_start = snapshot(&s).await;
     let output = tokio::time::timeout(Duration::from_secs(30), wrk.wait_with_output())

@@ -62,7 +62,9 @@ impl Outcome {
         if self.status != 200 {
             return Some(format!("status {}", self.status));
         }
-        let seen = self.seen.as_ref()?;
+        let Some(seen) = self.seen.as_ref() else {
+            return Some("a 200 without the upstream's description of the request".into());
+        };
         let verdict = &seen["verdict"];
         if verdict["token"] != "valid" {
             return Some(format!("token {}", verdict));

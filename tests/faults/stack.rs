@@ -53,6 +53,12 @@ impl Stack {
         }
     }
 
+    /// Waits until Envoy's counter `name` grew by `more` from now.
+    pub async fn wait_for_more(&self, name: &str, more: u64, what: &str) {
+        let base = self.stat(name).await;
+        self.wait_for_stat(name, base + more, what).await;
+    }
+
     pub async fn start_processor(&self, extra: &[&str]) -> Processor {
         let mut args = vec!["--grpc-listen-address", &self.grpc, "--log-level", "info"];
         args.extend_from_slice(extra);
