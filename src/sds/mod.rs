@@ -15,6 +15,10 @@
 //! case variants of one name share it (see [`certs`]). Each secret is sent
 //! under the exact name it was asked for.
 //!
+//! The same service serves the fast-path audiences' tokens as generic
+//! secrets under names of their own (see [`tokens`]); without interception
+//! it serves only those, and refuses every other name.
+//!
 //! ACK/NACK: every response carries a nonce; Envoy's next request echoes it,
 //! with `error_detail` set for a NACK. A NACK is logged; the same resource
 //! is not sent again until it changes (no resend loops).
@@ -22,6 +26,7 @@
 pub(crate) mod certs;
 pub(crate) mod metrics;
 mod sotw;
+pub(crate) mod tokens;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -42,26 +47,40 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use certs::Certificates;
+use tokens::TokenSecrets;
 
 /// The SDS service. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Sds {
-    certs: Arc<Certificates>,
+    /// Leaves for intercepted hosts (`None`: no interception).
+    certs: Option<Arc<Certificates>>,
+    /// The fast-path audiences' tokens (`None`: none configured).
+    tokens: Option<TokenSecrets>,
+    /// Open streams.
+    streams: prometheus_client::metrics::gauge::Gauge,
     closing: Arc<watch::Sender<bool>>,
 }
 
 impl Sds {
     /// A service over `certs`.
+    #[cfg(test)]
     pub(crate) fn new(certs: Arc<Certificates>) -> Sds {
-        Sds {
-            certs,
-            closing: Arc::new(watch::Sender::new(false)),
-        }
+        Sds::serving(Some(certs), None)
     }
 
-    /// The certificate store (its metrics are registered at startup).
-    pub(crate) fn certificates(&self) -> &Arc<Certificates> {
-        &self.certs
+    /// A service over `certs` and `tokens` (at least one of them).
+    pub(crate) fn serving(certs: Option<Arc<Certificates>>, tokens: Option<TokenSecrets>) -> Sds {
+        let streams = match (&certs, &tokens) {
+            (Some(certs), _) => certs.counters.metrics.streams.clone(),
+            (None, Some(tokens)) => tokens.metrics().streams.clone(),
+            (None, None) => prometheus_client::metrics::gauge::Gauge::default(),
+        };
+        Sds {
+            certs,
+            tokens,
+            streams,
+            closing: Arc::new(watch::Sender::new(false)),
+        }
     }
 
     /// Ends every open stream (SDS streams live as long as Envoy does, so a
@@ -85,10 +104,11 @@ impl Sds {
         let (tx, rx) = mpsc::channel(4);
         let env = StreamEnv {
             certs: self.certs.clone(),
+            tokens: self.tokens.clone(),
             closing: self.closing.subscribe(),
         };
         // Counted open for as long as the stream's loop runs.
-        let open = crate::metrics::OpenGuard::new(self.certs.counters.metrics.streams.clone());
+        let open = crate::metrics::OpenGuard::new(self.streams.clone());
         let serving = serve(env, tx);
         tokio::spawn(async move {
             serving.await;
@@ -100,8 +120,21 @@ impl Sds {
 
 /// What every stream loop shares with the service.
 struct StreamEnv {
-    certs: Arc<Certificates>,
+    certs: Option<Arc<Certificates>>,
+    tokens: Option<TokenSecrets>,
     closing: watch::Receiver<bool>,
+}
+
+/// Holds a certificate slot for `name`, refusing every name without
+/// interception.
+fn hold<'a>(
+    certs: Option<&'a Certificates>,
+    name: &str,
+) -> Result<certs::Slot<'a>, certs::Refusal> {
+    match certs {
+        Some(certs) => certs.hold(name),
+        None => Err(certs::Refusal::NotIntercepted),
+    }
 }
 
 fn check_type(type_url: &str) -> Result<(), Status> {
@@ -133,8 +166,11 @@ fn note_ack(nonce: &str, error: Option<&envoy_types::pb::google::rpc::Status>) {
 /// One delta stream: subscribed names (as requested) with the version sent
 /// and when it must be rotated, each holding a `--max-certificates` slot.
 struct DeltaStream<'a> {
-    certs: &'a Certificates,
+    certs: Option<&'a Certificates>,
+    tokens: Option<&'a TokenSecrets>,
     subscribed: HashMap<String, Subscribed<'a>>,
+    /// Token secret names subscribed (see [`tokens`]).
+    token_names: tokens::Subscriptions,
     nonce: u64,
 }
 
@@ -146,12 +182,36 @@ struct Subscribed<'a> {
 }
 
 impl<'a> DeltaStream<'a> {
-    fn new(certs: &'a Certificates) -> DeltaStream<'a> {
+    fn new(certs: Option<&'a Certificates>, tokens: Option<&'a TokenSecrets>) -> DeltaStream<'a> {
         DeltaStream {
             certs,
+            tokens,
             subscribed: HashMap::new(),
+            token_names: tokens::Subscriptions::default(),
             nonce: 0,
         }
+    }
+
+    /// Adds the token secrets that changed to `response`.
+    fn sync_tokens(&mut self, response: &mut DeltaDiscoveryResponse) {
+        let Some(secrets) = self.tokens else {
+            return;
+        };
+        let changes = self.token_names.sync(secrets, Instant::now());
+        for (name, ready) in changes.sent {
+            response.resources.push(ready.resource(&name));
+        }
+        response.removed_resources.extend(changes.removed);
+    }
+
+    /// Subscribes a token secret name, or refuses it.
+    fn subscribe_token(&mut self, name: &str) -> Result<(), tokens::NotFastPath> {
+        match self.tokens {
+            Some(secrets) => secrets.admit(name)?,
+            None => return Err(tokens::NotFastPath),
+        }
+        self.token_names.add(name);
+        Ok(())
     }
 
     fn next_nonce(&mut self) -> String {
@@ -167,6 +227,7 @@ impl<'a> DeltaStream<'a> {
         check_type(&request.type_url)?;
         for name in &request.resource_names_unsubscribe {
             self.subscribed.remove(name);
+            self.token_names.remove(name);
         }
         // After a reconnect Envoy lists what it holds in
         // initial_resource_versions: those names are subscribed too.
@@ -179,7 +240,18 @@ impl<'a> DeltaStream<'a> {
             ..Default::default()
         };
         for name in wanted {
-            if name == "*" || self.subscribed.contains_key(&name) {
+            if name == "*"
+                || self.subscribed.contains_key(&name)
+                || self.token_names.contains(&name)
+            {
+                continue;
+            }
+            if tokens::audience_of(&name).is_some() {
+                // Sent below once a token is there; refused at once if the
+                // audience is not a fast-path one.
+                if self.subscribe_token(&name).is_err() {
+                    response.removed_resources.push(name);
+                }
                 continue;
             }
             match self.subscribe(&name).await {
@@ -187,6 +259,7 @@ impl<'a> DeltaStream<'a> {
                 Err(_) => response.removed_resources.push(name),
             }
         }
+        self.sync_tokens(&mut response);
         if response.resources.is_empty() && response.removed_resources.is_empty() {
             return Ok(None);
         }
@@ -198,8 +271,8 @@ impl<'a> DeltaStream<'a> {
         &mut self,
         name: &str,
     ) -> Result<envoy_types::pb::envoy::service::discovery::v3::Resource, certs::Refusal> {
-        let slot = self.certs.hold(name)?;
-        let minted = self.certs.get(&slot).await?;
+        let slot = hold(self.certs, name)?;
+        let minted = slot.certs().get(&slot).await?;
         self.subscribed.insert(
             name.to_owned(),
             Subscribed {
@@ -212,7 +285,11 @@ impl<'a> DeltaStream<'a> {
     }
 
     fn next_rotation(&self) -> Option<Instant> {
-        self.subscribed.values().map(|s| s.rotate_at).min()
+        let leaves = self.subscribed.values().map(|s| s.rotate_at).min();
+        match (leaves, self.token_names.next_expiry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Re-mints every secret due and returns the push, if any.
@@ -230,7 +307,7 @@ impl<'a> DeltaStream<'a> {
         };
         for name in due {
             let minted = match self.subscribed.get(&name) {
-                Some(subscribed) => self.certs.get(&subscribed.slot).await,
+                Some(subscribed) => subscribed.slot.certs().get(&subscribed.slot).await,
                 None => continue,
             };
             match (minted, self.subscribed.get_mut(&name)) {
@@ -247,6 +324,7 @@ impl<'a> DeltaStream<'a> {
                 }
             }
         }
+        self.sync_tokens(&mut response);
         if response.resources.is_empty() && response.removed_resources.is_empty() {
             return None;
         }
@@ -256,11 +334,16 @@ impl<'a> DeltaStream<'a> {
 }
 
 async fn serve_delta(
-    StreamEnv { certs, mut closing }: StreamEnv,
+    StreamEnv {
+        certs,
+        tokens,
+        mut closing,
+    }: StreamEnv,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 ) {
-    let mut stream = DeltaStream::new(&certs);
+    let mut token_watch = tokens.as_ref().map(TokenSecrets::watch);
+    let mut stream = DeltaStream::new(certs.as_deref(), tokens.as_ref());
     loop {
         let rotation = stream.next_rotation();
         let response = tokio::select! {
@@ -279,6 +362,7 @@ async fn serve_delta(
                 }
             },
             () = sleep_until(rotation) => stream.rotate().await.map(Ok),
+            () = tokens::changed(token_watch.as_mut()) => stream.rotate().await.map(Ok),
             () = closed(&mut closing) => return,
         };
         if let Some(response) = response {
@@ -337,14 +421,27 @@ impl SecretDiscoveryService for Sds {
         let slots: Vec<(&String, certs::Slot<'_>)> = request
             .resource_names
             .iter()
-            .filter_map(|name| Some((name, self.certs.hold(name).ok()?)))
+            .filter(|name| tokens::audience_of(name).is_none())
+            .filter_map(|name| Some((name, hold(self.certs.as_deref(), name).ok()?)))
             .collect();
         let mut resources = Vec::new();
         let mut version = Vec::new();
         for (name, slot) in &slots {
-            if let Ok(minted) = self.certs.get(slot).await {
+            if let Ok(minted) = slot.certs().get(slot).await {
                 version.push(minted.version.clone());
                 resources.push(minted.any(name));
+            }
+        }
+        // Token secrets: the fast-path audiences' usable tokens.
+        if let Some(secrets) = &self.tokens {
+            for name in &request.resource_names {
+                if tokens::audience_of(name).is_some()
+                    && secrets.admit(name).is_ok()
+                    && let Some(ready) = secrets.ready(name, Instant::now())
+                {
+                    version.push(ready.serial.to_string());
+                    resources.push(ready.any(name));
+                }
             }
         }
         Ok(Response::new(DiscoveryResponse {
