@@ -118,6 +118,25 @@ mod tests {
     }
 
     #[test]
+    fn literal_rule_audiences_are_fast_path_and_prefetched() {
+        let config = parse(&[
+            "--prefetch-audience",
+            "https://b.example",
+            "--audience-rule",
+            "metrics.example=https://m.example",
+            "--audience-rule",
+            "*.svc=https://{host}",
+            "--audience-rule",
+            "any.example=*",
+            "--audience-rule",
+            "again.example=https://b.example",
+        ])
+        .unwrap();
+        // The template and `*` are known only per request: not prefetched.
+        assert_eq!(names(&config), ["https://b.example", "https://m.example"]);
+    }
+
+    #[test]
     fn each_must_be_allowed_and_not_the_api_servers() {
         let errors = parse(&[
             "--allowed-audience",
