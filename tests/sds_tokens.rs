@@ -3,9 +3,10 @@
 //! `--prefetch-audience` and a literal `--audience-rule` audience) are
 //! served as generic secrets `Bearer <JWT>` whose JWT verifies for exactly
 //! that audience; a refresh is pushed (a new `jti`); an API server that
-//! fails past the usable end makes the secret go away before the token
-//! expires, and recovery brings it back. Other names are refused. No
-//! interception is configured: SDS runs for the tokens alone.
+//! fails past the usable end makes the secret be withdrawn (sent empty:
+//! Envoy ignores removals of a secret it uses) before the token expires,
+//! and recovery brings it back. Other names are refused. No interception
+//! is configured: SDS runs for the tokens alone.
 //!
 //! Tokens live 40 s (`FakeApiServer::set_lifetime`): usable for 10 s (the
 //! last 30 s are never used), refreshed after at most 8 s.
@@ -134,7 +135,7 @@ fn ack(response: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
 }
 
 #[tokio::test]
-async fn delta_serves_pushes_removes_before_expiry_and_adds_again() {
+async fn delta_serves_pushes_withdraws_before_expiry_and_adds_again() {
     let s = setup().await;
     let verifier = s.api.verifier();
     let mut client = s.client().await;
@@ -196,9 +197,9 @@ async fn delta_serves_pushes_removes_before_expiry_and_adds_again() {
     };
     assert_ne!(pushed.jti, first, "a new token after the refresh");
 
-    // The API server fails from now on: every token secret is removed at
-    // its usable end, while the last token sent still has 30 s to live
-    // (checked with a generous margin), never after it expired.
+    // The API server fails from now on: every token secret is withdrawn
+    // (sent empty) at its usable end, while the last token sent still has
+    // 30 s to live (checked with a generous margin), never after it expired.
     s.api.inject(Fault::Status(503), usize::MAX);
     let mut last_exp = std::collections::HashMap::new();
     last_exp.insert(PREFETCHED.to_owned(), pushed.exp);
@@ -206,20 +207,28 @@ async fn delta_serves_pushes_removes_before_expiry_and_adds_again() {
     while gone.len() < 2 {
         let response = next_delta(&mut responses).await;
         tx.send(ack(&response)).await.unwrap();
+        assert!(
+            response.removed_resources.is_empty(),
+            "Envoy ignores removals"
+        );
         for resource in &response.resources {
             let (n, value) = secret_of(resource.resource.as_ref().unwrap());
             let audience = n.strip_prefix(PREFIX).unwrap().to_owned();
-            let claims = verify(&verifier, &value, &audience);
-            last_exp.insert(audience, claims.exp);
-        }
-        for n in &response.removed_resources {
-            let audience = n.strip_prefix(PREFIX).unwrap().to_owned();
-            let left = last_exp[&audience] - now_unix();
-            assert!(
-                left >= 15,
-                "{audience} removed {left} s before its token expired"
-            );
-            gone.insert(audience);
+            if value.is_empty() {
+                let left = last_exp[&audience] - now_unix();
+                assert!(
+                    left >= 15,
+                    "{audience} withdrawn {left} s before its token expired"
+                );
+                gone.insert(audience);
+            } else {
+                assert!(
+                    !gone.contains(&audience),
+                    "a token while the API server fails"
+                );
+                let claims = verify(&verifier, &value, &audience);
+                last_exp.insert(audience, claims.exp);
+            }
         }
     }
 
@@ -242,7 +251,7 @@ async fn delta_serves_pushes_removes_before_expiry_and_adds_again() {
     assert_eq!(status, 200);
     for family in [
         "sds_token_secrets_sent_total",
-        "sds_token_secrets_removed_total 2",
+        "sds_token_secrets_withdrawn_total 2",
         "sds_token_secrets_refused_total 1",
         "sds_streams 1",
     ] {

@@ -201,7 +201,11 @@ impl<'a> DeltaStream<'a> {
         for (name, ready) in changes.sent {
             response.resources.push(ready.resource(&name));
         }
-        response.removed_resources.extend(changes.removed);
+        for (name, version) in changes.withdrawn {
+            response
+                .resources
+                .push(tokens::withdrawn_resource(&name, version));
+        }
     }
 
     /// Subscribes a token secret name, or refuses it.

@@ -157,10 +157,15 @@ impl<'a> SotwStream<'a> {
             // of the set is in it.
             let _ = self.token_names.sync(secrets, Instant::now());
             for name in &self.names {
-                if self.token_names.contains(name)
-                    && let Some(ready) = secrets.ready(name, Instant::now())
-                {
+                if !self.token_names.contains(name) {
+                    continue;
+                }
+                if let Some(ready) = secrets.ready(name, Instant::now()) {
                     resources.push(ready.any(name));
+                } else if self.token_names.is_withdrawn(name) {
+                    // Envoy rejects a response without the secret and
+                    // would keep the old token: the empty one fails closed.
+                    resources.push(tokens::withdrawn_any(name));
                 }
             }
         }

@@ -17,10 +17,17 @@
 //! - Push: each open stream watches the store; when a subscribed audience's
 //!   token is replaced, the new one is sent on the stream (the refresh comes
 //!   at 80 % of the lifetime, long before the last 30 s).
-//! - Removal: when a sent token reaches the end of its usable time without a
-//!   successor, the resource is removed (delta: `removed_resources`; SotW:
-//!   left out of a new response), so Envoy fails closed instead of sending
-//!   an expired token. A token minted again is sent again.
+//! - Withdrawal: when a sent token reaches the end of its usable time
+//!   without a successor, the secret is sent again with an EMPTY value
+//!   (delta and SotW alike), so Envoy fails closed instead of sending an
+//!   expired token: the Generic credential refuses an empty secret ("Failed
+//!   to get credential from secret") and `credential_injector` answers 401
+//!   (unless `allow_request_without_credential`). Removing the resource
+//!   would not do: Envoy ignores a delta SDS removal of a secret it uses
+//!   (`SdsApi::onConfigUpdate`: "attempting to remove a resource ...
+//!   Ignoring.") and rejects a SotW response without it (one secret per
+//!   subscription), and would keep injecting the old token past its
+//!   expiry. A token minted again is sent again.
 //!
 //! The token stays in its [`Token`] until it is written into the protobuf:
 //! versions are per-mint serials, never derived from the token.
@@ -69,7 +76,7 @@ pub(crate) struct TokenSecrets {
 pub(crate) struct Ready {
     /// The mint's serial.
     pub serial: u64,
-    /// When the token stops being usable (and the resource is removed).
+    /// When the token stops being usable (and the secret is withdrawn).
     pub usable_until: Instant,
     token: Token,
 }
@@ -77,6 +84,40 @@ pub(crate) struct Ready {
 /// A name that is not a fast-path audience's.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct NotFastPath;
+
+/// The withdrawn form of `name`'s secret: a generic secret with an empty
+/// value, which the Generic credential refuses to inject.
+pub(crate) fn withdrawn_any(name: &str) -> Any {
+    secret_any(name, String::new())
+}
+
+/// A withdrawn secret as a delta resource; `version` differs from the
+/// last token's.
+pub(crate) fn withdrawn_resource(name: &str, version: String) -> Resource {
+    Resource {
+        name: name.to_owned(),
+        version,
+        resource: Some(withdrawn_any(name)),
+        ..Default::default()
+    }
+}
+
+fn secret_any(name: &str, value: String) -> Any {
+    let secret = Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::GenericSecret(GenericSecret {
+            secret: Some(DataSource {
+                specifier: Some(Specifier::InlineString(value)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    };
+    Any {
+        type_url: Secret::type_url(),
+        value: secret.encode_to_vec(),
+    }
+}
 
 impl Ready {
     /// As a delta xDS resource named `name`.
@@ -91,23 +132,7 @@ impl Ready {
 
     /// As a `Secret` named `name`.
     pub(crate) fn any(&self, name: &str) -> Any {
-        let secret = Secret {
-            name: name.to_owned(),
-            r#type: Some(secret::Type::GenericSecret(GenericSecret {
-                secret: Some(DataSource {
-                    specifier: Some(Specifier::InlineString(format!(
-                        "Bearer {}",
-                        self.token.expose_secret()
-                    ))),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })),
-        };
-        Any {
-            type_url: Secret::type_url(),
-            value: secret.encode_to_vec(),
-        }
+        secret_any(name, format!("Bearer {}", self.token.expose_secret()))
     }
 }
 
@@ -157,11 +182,22 @@ impl TokenSecrets {
     }
 }
 
-/// One stream's token subscriptions: each admitted name with the serial
-/// sent last (`None`: nothing sent, or removed since).
+/// One stream's token subscriptions: each admitted name with what was
+/// sent last.
 #[derive(Default)]
 pub(crate) struct Subscriptions {
-    names: HashMap<String, Option<(u64, Instant)>>,
+    names: HashMap<String, Sent>,
+}
+
+/// What a stream was sent last for one name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    /// Nothing yet (no token since the subscription).
+    Nothing,
+    /// The token of this serial, usable until then.
+    Token(u64, Instant),
+    /// The empty secret, after the token of this serial.
+    Withdrawn(u64),
 }
 
 /// What a [`Subscriptions::sync`] changed.
@@ -169,14 +205,15 @@ pub(crate) struct Subscriptions {
 pub(crate) struct Changes {
     /// Names with a new token, and the token.
     pub sent: Vec<(String, Ready)>,
-    /// Names whose token went unusable without a successor.
-    pub removed: Vec<String>,
+    /// Names whose token went unusable without a successor, with the
+    /// version to withdraw them under.
+    pub withdrawn: Vec<(String, String)>,
 }
 
 impl Subscriptions {
     /// Subscribes an admitted name (no-op if subscribed).
     pub(crate) fn add(&mut self, name: &str) {
-        self.names.entry(name.to_owned()).or_insert(None);
+        self.names.entry(name.to_owned()).or_insert(Sent::Nothing);
     }
 
     /// Unsubscribes `name`.
@@ -195,48 +232,58 @@ impl Subscriptions {
     }
 
     /// Compares what was sent with the store at `now`: a new token to send
-    /// for a name whose serial changed, a removal for a sent token that is
-    /// no longer usable.
+    /// for a name whose serial changed, a withdrawal for a sent token that
+    /// is no longer usable.
     pub(crate) fn sync(&mut self, secrets: &TokenSecrets, now: Instant) -> Changes {
         let mut changes = Changes::default();
         for (name, sent) in &mut self.names {
             match (secrets.ready(name, now), *sent) {
-                (Some(ready), Some((serial, _))) if ready.serial == serial => {}
+                (Some(ready), Sent::Token(serial, _)) if ready.serial == serial => {}
                 (Some(ready), _) => {
-                    *sent = Some((ready.serial, ready.usable_until));
+                    *sent = Sent::Token(ready.serial, ready.usable_until);
                     secrets.metrics.sent.inc();
                     changes.sent.push((name.clone(), ready));
                 }
-                (None, Some(_)) => {
-                    *sent = None;
-                    secrets.metrics.removed.inc();
-                    changes.removed.push(name.clone());
+                (None, Sent::Token(serial, _)) => {
+                    *sent = Sent::Withdrawn(serial);
+                    secrets.metrics.withdrawn.inc();
+                    changes
+                        .withdrawn
+                        .push((name.clone(), format!("{serial}-withdrawn")));
                 }
-                (None, None) => {}
+                (None, Sent::Nothing | Sent::Withdrawn(_)) => {}
             }
         }
         changes.sent.sort_by(|a, b| a.0.cmp(&b.0));
-        changes.removed.sort();
+        changes.withdrawn.sort();
         changes
+    }
+
+    /// Whether `name`'s secret is withdrawn (sent empty) now.
+    pub(crate) fn is_withdrawn(&self, name: &str) -> bool {
+        matches!(self.names.get(name), Some(Sent::Withdrawn(_)))
     }
 
     /// Whether [`sync`](Self::sync) would change anything at `now`.
     pub(crate) fn pending(&self, secrets: &TokenSecrets, now: Instant) -> bool {
         self.names
             .iter()
-            .any(|(name, sent)| match (secrets.ready(name, now), sent) {
-                (Some(ready), Some((serial, _))) => ready.serial != *serial,
-                (Some(_), None) | (None, Some(_)) => true,
-                (None, None) => false,
+            .any(|(name, sent)| match (secrets.ready(name, now), *sent) {
+                (Some(ready), Sent::Token(serial, _)) => ready.serial != serial,
+                (Some(_), Sent::Nothing | Sent::Withdrawn(_)) | (None, Sent::Token(..)) => true,
+                (None, Sent::Nothing | Sent::Withdrawn(_)) => false,
             })
     }
 
-    /// When the soonest sent token stops being usable (and must be removed
-    /// unless replaced before).
+    /// When the soonest sent token stops being usable (and must be
+    /// withdrawn unless replaced before).
     pub(crate) fn next_expiry(&self) -> Option<Instant> {
         self.names
             .values()
-            .filter_map(|sent| sent.map(|(_, until)| until))
+            .filter_map(|sent| match sent {
+                Sent::Token(_, until) => Some(*until),
+                Sent::Nothing | Sent::Withdrawn(_) => None,
+            })
             .min()
     }
 }
@@ -255,11 +302,11 @@ pub(crate) async fn changed(watch: Option<&mut watch::Receiver<()>>) {
 }
 
 /// Token secret metrics: `sds_token_secrets_sent_total`,
-/// `sds_token_secrets_removed_total`, `sds_token_secrets_refused_total`.
+/// `sds_token_secrets_withdrawn_total`, `sds_token_secrets_refused_total`.
 #[derive(Debug, Default)]
 pub(crate) struct TokenMetrics {
     sent: Counter,
-    removed: Counter,
+    withdrawn: Counter,
     refused: Counter,
     /// SDS streams open now (registered here only without interception).
     pub(crate) streams: Gauge,
@@ -275,9 +322,9 @@ impl TokenMetrics {
             self.sent.clone(),
         );
         registry.register(
-            "sds_token_secrets_removed",
-            "Token secrets removed from SDS streams: no usable token any more",
-            self.removed.clone(),
+            "sds_token_secrets_withdrawn",
+            "Token secrets sent empty on SDS streams: no usable token any more (Envoy fails closed)",
+            self.withdrawn.clone(),
         );
         registry.register(
             "sds_token_secrets_refused",
@@ -289,10 +336,10 @@ impl TokenMetrics {
         }
     }
 
-    /// (sent, removed, refused), for tests.
+    /// (sent, withdrawn, refused), for tests.
     #[cfg(test)]
     pub(crate) fn counts(&self) -> (u64, u64, u64) {
-        (self.sent.get(), self.removed.get(), self.refused.get())
+        (self.sent.get(), self.withdrawn.get(), self.refused.get())
     }
 }
 

@@ -1,6 +1,6 @@
 //! Token secrets: naming, refusal of other audiences, push on refresh,
-//! removal at the end of the usable time and re-add, on delta and SotW
-//! streams, with a paused clock.
+//! withdrawal (the empty secret) at the end of the usable time and re-add,
+//! on delta and SotW streams, with a paused clock.
 
 use std::time::Duration;
 
@@ -61,7 +61,7 @@ fn names_carry_the_audience_exactly_and_never_parse_as_a_host() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn delta_refuses_pushes_removes_and_adds_again() {
+async fn delta_refuses_pushes_withdraws_and_adds_again() {
     let (a, b) = (secret_name(A), secret_name(B));
     let pinned = Pinned::for_tests(&[audience(A)]);
     let secrets = TokenSecrets::new(pinned.clone());
@@ -107,15 +107,19 @@ async fn delta_refuses_pushes_removes_and_adds_again() {
     assert_eq!(value, "Bearer two");
     assert_ne!(pushed.resources[0].version, first_version);
 
-    // No refresh before the usable end: removed at that very moment.
+    // No refresh before the usable end: withdrawn at that very moment,
+    // sent empty under a new version (a removal Envoy would ignore).
     let end = stream.next_rotation().unwrap();
     assert_eq!(end, Instant::now() + Duration::from_secs(100));
     tokio::time::sleep_until(end).await;
-    let removed = stream.rotate().await.unwrap();
-    assert!(removed.resources.is_empty());
-    assert_eq!(removed.removed_resources, vec![a.clone()]);
+    let withdrawn = stream.rotate().await.unwrap();
+    assert!(withdrawn.removed_resources.is_empty());
+    assert_eq!(withdrawn.resources.len(), 1);
+    let (name, value) = value_of(withdrawn.resources[0].resource.as_ref().unwrap());
+    assert_eq!((name.as_str(), value.as_str()), (a.as_str(), ""));
+    assert_ne!(withdrawn.resources[0].version, pushed.resources[0].version);
     assert_eq!(stream.next_rotation(), None, "nothing left to time");
-    assert!(stream.rotate().await.is_none(), "removed once");
+    assert!(stream.rotate().await.is_none(), "withdrawn once");
 
     // Minted again: sent again.
     pinned.store_for_tests(&audience(A), token("three"), Duration::from_secs(100));
@@ -186,11 +190,20 @@ async fn sotw_sends_the_set_again_on_refresh_and_at_the_usable_end() {
     let end = stream.next_wakeup().unwrap();
     tokio::time::sleep_until(end).await;
     assert!(stream.tokens_changed());
-    assert!(
-        stream.response().await.resources.is_empty(),
-        "left out at the end"
+    let sent: Vec<(String, String)> = stream
+        .response()
+        .await
+        .resources
+        .iter()
+        .map(value_of)
+        .collect();
+    assert_eq!(
+        sent,
+        vec![(a.clone(), String::new())],
+        "sent empty at the end"
     );
     assert_eq!(stream.next_wakeup(), None);
+    assert!(!stream.tokens_changed());
 
     pinned.store_for_tests(&audience(A), token("three"), Duration::from_secs(100));
     assert!(stream.tokens_changed());
