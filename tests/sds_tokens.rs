@@ -162,6 +162,8 @@ async fn delta_serves_pushes_withdraws_before_expiry_and_adds_again() {
     // Both fast-path tokens arrive (in one response or several); the other
     // names are refused at once (no interception: the SNI-like name too).
     let mut jti = std::collections::HashMap::new();
+    // The expiry of the last token sent per audience.
+    let mut last_exp = std::collections::HashMap::new();
     let mut removed = Vec::new();
     while jti.len() < 2 {
         let response = next_delta(&mut responses).await;
@@ -171,7 +173,9 @@ async fn delta_serves_pushes_withdraws_before_expiry_and_adds_again() {
             let (secret_name, value) = secret_of(resource.resource.as_ref().unwrap());
             assert_eq!(secret_name, resource.name);
             let audience = secret_name.strip_prefix(PREFIX).unwrap();
-            jti.insert(audience.to_owned(), verify(&verifier, &value, audience).jti);
+            let claims = verify(&verifier, &value, audience);
+            last_exp.insert(audience.to_owned(), claims.exp);
+            jti.insert(audience.to_owned(), claims.jti);
         }
     }
     removed.sort();
@@ -186,13 +190,18 @@ async fn delta_serves_pushes_withdraws_before_expiry_and_adds_again() {
             response.removed_resources.is_empty(),
             "nothing removed while healthy"
         );
-        let found = response
-            .resources
-            .iter()
-            .map(|r| secret_of(r.resource.as_ref().unwrap()))
-            .find(|(n, _)| *n == name(PREFETCHED));
-        if let Some((_, value)) = found {
-            break verify(&verifier, &value, PREFETCHED);
+        let mut found = None;
+        for resource in &response.resources {
+            let (n, value) = secret_of(resource.resource.as_ref().unwrap());
+            let audience = n.strip_prefix(PREFIX).unwrap().to_owned();
+            let claims = verify(&verifier, &value, &audience);
+            last_exp.insert(audience.clone(), claims.exp);
+            if audience == PREFETCHED {
+                found = Some(claims);
+            }
+        }
+        if let Some(claims) = found {
+            break claims;
         }
     };
     assert_ne!(pushed.jti, first, "a new token after the refresh");
@@ -201,8 +210,6 @@ async fn delta_serves_pushes_withdraws_before_expiry_and_adds_again() {
     // (sent empty) at its usable end, while the last token sent still has
     // 30 s to live (checked with a generous margin), never after it expired.
     s.api.inject(Fault::Status(503), usize::MAX);
-    let mut last_exp = std::collections::HashMap::new();
-    last_exp.insert(PREFETCHED.to_owned(), pushed.exp);
     let mut gone = std::collections::HashSet::new();
     while gone.len() < 2 {
         let response = next_delta(&mut responses).await;
