@@ -20,6 +20,7 @@ use crate::metrics::{Metrics, Registry};
 use crate::readiness::Readiness;
 use crate::sds::Sds;
 use crate::sds::certs::Certificates;
+use crate::sds::tokens::TokenSecrets;
 use crate::server::{self, BindError, Listeners, ServeError};
 use crate::tokens::TokenSource;
 use crate::tokens::cache::TokenCache;
@@ -112,8 +113,8 @@ impl App {
         let (client, apiserver_url) = kube::client(&config.kube).await?;
         let refused = refused_audiences(&config, &apiserver_url);
         let source = KubeTokenSource::new(client.clone(), &config.tokens);
-        let sds = match &config.interception {
-            Some(interception) => Some(sds(interception).map_err(RunError::Ca)?),
+        let certs = match &config.interception {
+            Some(interception) => Some(certificates(interception).map_err(RunError::Ca)?),
             None => None,
         };
         let listeners = Listeners::bind(&config.server.grpc, config.server.admin).await?;
@@ -153,13 +154,21 @@ impl App {
         let mut registry = Registry::new(&metrics);
         let processor = processor_counting(&config, source, refused, metrics);
         registry.register_collector(Box::new(processor.token_gauges()));
-        if let Some(sds) = &sds {
-            let certs = sds.certificates();
+        if let Some(certs) = &certs {
             certs
                 .counters
                 .metrics
                 .register(&mut registry, certs.ca_not_after());
         }
+        // SDS: leaves with interception, token secrets with fast-path
+        // audiences (see `sds::tokens`).
+        let pinned = processor.token_cache().pinned();
+        let tokens = (pinned.len() > 0).then(|| TokenSecrets::new(pinned));
+        if let Some(tokens) = &tokens {
+            tokens.metrics().register(&mut registry, certs.is_none());
+            tracing::info!(names = %tokens.names().join(" "), "token secrets served over SDS");
+        }
+        let sds = (certs.is_some() || tokens.is_some()).then(|| Sds::serving(certs, tokens));
         // In the background: the listeners are bound already, readiness
         // waits for the tokens.
         let prefetch = processor.token_cache().start_prefetch();
@@ -273,8 +282,8 @@ fn log_destination_rules(config: &Config) {
 }
 
 /// Creates (or loads) the CA, writes its certificate for the client, and
-/// builds the SDS service minting leaves from it.
-fn sds(interception: &Interception) -> Result<Sds, CaError> {
+/// builds the store of leaves SDS mints from it.
+fn certificates(interception: &Interception) -> Result<Arc<Certificates>, CaError> {
     let authority = CertificateAuthority::init(
         &interception.ca,
         &interception.hosts,
@@ -293,7 +302,7 @@ fn sds(interception: &Interception) -> Result<Sds, CaError> {
         interception.certificate_validity,
         interception.max_certificates,
     );
-    Ok(Sds::new(Arc::new(certs)))
+    Ok(Arc::new(certs))
 }
 
 #[cfg(test)]

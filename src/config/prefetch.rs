@@ -1,5 +1,7 @@
 //! `--prefetch-audience`: audiences whose tokens are minted at startup and
-//! refreshed on a timer; readiness waits for them. Each must be a valid
+//! refreshed on a timer; readiness waits for them. The literal audiences
+//! of `--audience-rule` join them: together they are the fast-path
+//! audiences, whose tokens SDS also serves (see `sds::tokens`). Each must be a valid
 //! audience that `--allowed-audience` admits, not one of the API server's
 //! own (unless `--allow-apiserver-audience`), and together they must fit in
 //! `--max-audiences`.
@@ -24,6 +26,16 @@ pub(super) fn prefetch_audiences(
             Ok(Some(audience)) if !audiences.contains(&audience) => audiences.push(audience),
             Ok(_) => {}
             Err(error) => ok = errors.take(Err(error)),
+        }
+    }
+    // The fast path: literal `--audience-rule` audiences are prefetched too
+    // (checked against the allowlist and the API server's audiences with
+    // the rules themselves).
+    if let Some(rules) = rules {
+        for audience in rules.destinations.literal_audiences() {
+            if !audiences.contains(audience) {
+                audiences.push(audience.clone());
+            }
         }
     }
     let count = u64::try_from(audiences.len()).unwrap_or(u64::MAX);
@@ -103,6 +115,25 @@ mod tests {
         .unwrap();
         assert_eq!(names(&config), ["https://b.example", "https://a.example"]);
         assert!(parse(&[]).unwrap().prefetch.is_empty());
+    }
+
+    #[test]
+    fn literal_rule_audiences_are_fast_path_and_prefetched() {
+        let config = parse(&[
+            "--prefetch-audience",
+            "https://b.example",
+            "--audience-rule",
+            "metrics.example=https://m.example",
+            "--audience-rule",
+            "*.svc=https://{host}",
+            "--audience-rule",
+            "any.example=*",
+            "--audience-rule",
+            "again.example=https://b.example",
+        ])
+        .unwrap();
+        // The template and `*` are known only per request: not prefetched.
+        assert_eq!(names(&config), ["https://b.example", "https://m.example"]);
     }
 
     #[test]

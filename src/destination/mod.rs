@@ -238,6 +238,15 @@ impl DestinationRules {
         &self.rules
     }
 
+    /// The literal audiences (no `{host}`, not `*`), in rule order: known
+    /// in advance, so they take the native fast path (token secrets).
+    pub fn literal_audiences(&self) -> impl Iterator<Item = &Audience> {
+        self.rules.iter().filter_map(|rule| match &rule.audience {
+            AudienceRule::Literal(audience) => Some(audience),
+            AudienceRule::Any | AudienceRule::Template(_) => None,
+        })
+    }
+
     /// The audience for a request to `destination` that names none: that
     /// of the first matching rule whose AUDIENCE is not `*`. A template
     /// that expands to an invalid audience (too long) is a rejection, not

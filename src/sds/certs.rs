@@ -191,7 +191,12 @@ pub(crate) struct Slot<'a> {
     exact: String,
 }
 
-impl Slot<'_> {
+impl<'a> Slot<'a> {
+    /// The store this slot is held in.
+    pub(crate) fn certs(&self) -> &'a Certificates {
+        self.certs
+    }
+
     /// The normalised name this slot holds.
     #[cfg(test)]
     pub(crate) fn key(&self) -> &str {

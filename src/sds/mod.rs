@@ -15,15 +15,20 @@
 //! case variants of one name share it (see [`certs`]). Each secret is sent
 //! under the exact name it was asked for.
 //!
+//! The same service serves the fast-path audiences' tokens as generic
+//! secrets under names of their own (see [`tokens`]); without interception
+//! it serves only those, and refuses every other name.
+//!
 //! ACK/NACK: every response carries a nonce; Envoy's next request echoes it,
 //! with `error_detail` set for a NACK. A NACK is logged; the same resource
 //! is not sent again until it changes (no resend loops).
 
 pub(crate) mod certs;
+mod delta;
 pub(crate) mod metrics;
 mod sotw;
+pub(crate) mod tokens;
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -42,26 +47,40 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use certs::Certificates;
+use tokens::TokenSecrets;
 
 /// The SDS service. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Sds {
-    certs: Arc<Certificates>,
+    /// Leaves for intercepted hosts (`None`: no interception).
+    certs: Option<Arc<Certificates>>,
+    /// The fast-path audiences' tokens (`None`: none configured).
+    tokens: Option<TokenSecrets>,
+    /// Open streams.
+    streams: prometheus_client::metrics::gauge::Gauge,
     closing: Arc<watch::Sender<bool>>,
 }
 
 impl Sds {
     /// A service over `certs`.
+    #[cfg(test)]
     pub(crate) fn new(certs: Arc<Certificates>) -> Sds {
-        Sds {
-            certs,
-            closing: Arc::new(watch::Sender::new(false)),
-        }
+        Sds::serving(Some(certs), None)
     }
 
-    /// The certificate store (its metrics are registered at startup).
-    pub(crate) fn certificates(&self) -> &Arc<Certificates> {
-        &self.certs
+    /// A service over `certs` and `tokens` (at least one of them).
+    pub(crate) fn serving(certs: Option<Arc<Certificates>>, tokens: Option<TokenSecrets>) -> Sds {
+        let streams = match (&certs, &tokens) {
+            (Some(certs), _) => certs.counters.metrics.streams.clone(),
+            (None, Some(tokens)) => tokens.metrics().streams.clone(),
+            (None, None) => prometheus_client::metrics::gauge::Gauge::default(),
+        };
+        Sds {
+            certs,
+            tokens,
+            streams,
+            closing: Arc::new(watch::Sender::new(false)),
+        }
     }
 
     /// Ends every open stream (SDS streams live as long as Envoy does, so a
@@ -85,10 +104,11 @@ impl Sds {
         let (tx, rx) = mpsc::channel(4);
         let env = StreamEnv {
             certs: self.certs.clone(),
+            tokens: self.tokens.clone(),
             closing: self.closing.subscribe(),
         };
         // Counted open for as long as the stream's loop runs.
-        let open = crate::metrics::OpenGuard::new(self.certs.counters.metrics.streams.clone());
+        let open = crate::metrics::OpenGuard::new(self.streams.clone());
         let serving = serve(env, tx);
         tokio::spawn(async move {
             serving.await;
@@ -100,8 +120,21 @@ impl Sds {
 
 /// What every stream loop shares with the service.
 struct StreamEnv {
-    certs: Arc<Certificates>,
+    certs: Option<Arc<Certificates>>,
+    tokens: Option<TokenSecrets>,
     closing: watch::Receiver<bool>,
+}
+
+/// Holds a certificate slot for `name`, refusing every name without
+/// interception.
+fn hold<'a>(
+    certs: Option<&'a Certificates>,
+    name: &str,
+) -> Result<certs::Slot<'a>, certs::Refusal> {
+    match certs {
+        Some(certs) => certs.hold(name),
+        None => Err(certs::Refusal::NotIntercepted),
+    }
 }
 
 fn check_type(type_url: &str) -> Result<(), Status> {
@@ -125,168 +158,6 @@ fn note_ack(nonce: &str, error: Option<&envoy_types::pb::google::rpc::Status>) {
             tracing::warn!(nonce, code = error.code, message = %error.message, "Envoy rejected a secret (NACK)");
         }
         None => tracing::trace!(nonce, "Envoy accepted a secret (ACK)"),
-    }
-}
-
-// === impl Delta ===
-
-/// One delta stream: subscribed names (as requested) with the version sent
-/// and when it must be rotated, each holding a `--max-certificates` slot.
-struct DeltaStream<'a> {
-    certs: &'a Certificates,
-    subscribed: HashMap<String, Subscribed<'a>>,
-    nonce: u64,
-}
-
-/// One subscribed name.
-struct Subscribed<'a> {
-    version: String,
-    rotate_at: Instant,
-    slot: certs::Slot<'a>,
-}
-
-impl<'a> DeltaStream<'a> {
-    fn new(certs: &'a Certificates) -> DeltaStream<'a> {
-        DeltaStream {
-            certs,
-            subscribed: HashMap::new(),
-            nonce: 0,
-        }
-    }
-
-    fn next_nonce(&mut self) -> String {
-        self.nonce += 1;
-        self.nonce.to_string()
-    }
-
-    /// Handles one request; returns the response to send, if any.
-    async fn on_request(
-        &mut self,
-        request: DeltaDiscoveryRequest,
-    ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
-        check_type(&request.type_url)?;
-        for name in &request.resource_names_unsubscribe {
-            self.subscribed.remove(name);
-        }
-        // After a reconnect Envoy lists what it holds in
-        // initial_resource_versions: those names are subscribed too.
-        let mut wanted: Vec<String> = request.resource_names_subscribe;
-        wanted.extend(request.initial_resource_versions.into_keys());
-        wanted.sort();
-        wanted.dedup();
-        let mut response = DeltaDiscoveryResponse {
-            type_url: Secret::type_url(),
-            ..Default::default()
-        };
-        for name in wanted {
-            if name == "*" || self.subscribed.contains_key(&name) {
-                continue;
-            }
-            match self.subscribe(&name).await {
-                Ok(resource) => response.resources.push(resource),
-                Err(_) => response.removed_resources.push(name),
-            }
-        }
-        if response.resources.is_empty() && response.removed_resources.is_empty() {
-            return Ok(None);
-        }
-        response.nonce = self.next_nonce();
-        Ok(Some(response))
-    }
-
-    async fn subscribe(
-        &mut self,
-        name: &str,
-    ) -> Result<envoy_types::pb::envoy::service::discovery::v3::Resource, certs::Refusal> {
-        let slot = self.certs.hold(name)?;
-        let minted = self.certs.get(&slot).await?;
-        self.subscribed.insert(
-            name.to_owned(),
-            Subscribed {
-                version: minted.version.clone(),
-                rotate_at: minted.rotate_at,
-                slot,
-            },
-        );
-        Ok(minted.resource(name))
-    }
-
-    fn next_rotation(&self) -> Option<Instant> {
-        self.subscribed.values().map(|s| s.rotate_at).min()
-    }
-
-    /// Re-mints every secret due and returns the push, if any.
-    async fn rotate(&mut self) -> Option<DeltaDiscoveryResponse> {
-        let now = Instant::now();
-        let due: Vec<String> = self
-            .subscribed
-            .iter()
-            .filter(|(_, s)| s.rotate_at <= now)
-            .map(|(name, _)| name.clone())
-            .collect();
-        let mut response = DeltaDiscoveryResponse {
-            type_url: Secret::type_url(),
-            ..Default::default()
-        };
-        for name in due {
-            let minted = match self.subscribed.get(&name) {
-                Some(subscribed) => self.certs.get(&subscribed.slot).await,
-                None => continue,
-            };
-            match (minted, self.subscribed.get_mut(&name)) {
-                (Ok(minted), Some(subscribed)) => {
-                    subscribed.version.clone_from(&minted.version);
-                    subscribed.rotate_at = minted.rotate_at;
-                    response.resources.push(minted.resource(&name));
-                }
-                // No successor (the CA expired): the name is dropped, and
-                // Envoy fails its handshakes rather than serve a dead leaf.
-                _ => {
-                    self.subscribed.remove(&name);
-                    response.removed_resources.push(name);
-                }
-            }
-        }
-        if response.resources.is_empty() && response.removed_resources.is_empty() {
-            return None;
-        }
-        response.nonce = self.next_nonce();
-        Some(response)
-    }
-}
-
-async fn serve_delta(
-    StreamEnv { certs, mut closing }: StreamEnv,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
-    out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-) {
-    let mut stream = DeltaStream::new(&certs);
-    loop {
-        let rotation = stream.next_rotation();
-        let response = tokio::select! {
-            message = inbound.message() => match message {
-                Ok(Some(request)) => {
-                    note_ack(&request.response_nonce, request.error_detail.as_ref());
-                    match stream.on_request(request).await {
-                        Ok(response) => response.map(Ok),
-                        Err(status) => Some(Err(status)),
-                    }
-                }
-                Ok(None) => return,
-                Err(status) => {
-                    tracing::debug!(code = ?status.code(), "SDS stream ended");
-                    return;
-                }
-            },
-            () = sleep_until(rotation) => stream.rotate().await.map(Ok),
-            () = closed(&mut closing) => return,
-        };
-        if let Some(response) = response {
-            let end = response.is_err();
-            if out.send(response).await.is_err() || end {
-                return;
-            }
-        }
     }
 }
 
@@ -314,7 +185,7 @@ impl SecretDiscoveryService for Sds {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let inbound = request.into_inner();
-        Ok(self.spawn(|env, out| serve_delta(env, inbound, out)))
+        Ok(self.spawn(|env, out| delta::serve_delta(env, inbound, out)))
     }
 
     async fn stream_secrets(
@@ -337,14 +208,27 @@ impl SecretDiscoveryService for Sds {
         let slots: Vec<(&String, certs::Slot<'_>)> = request
             .resource_names
             .iter()
-            .filter_map(|name| Some((name, self.certs.hold(name).ok()?)))
+            .filter(|name| tokens::audience_of(name).is_none())
+            .filter_map(|name| Some((name, hold(self.certs.as_deref(), name).ok()?)))
             .collect();
         let mut resources = Vec::new();
         let mut version = Vec::new();
         for (name, slot) in &slots {
-            if let Ok(minted) = self.certs.get(slot).await {
+            if let Ok(minted) = slot.certs().get(slot).await {
                 version.push(minted.version.clone());
                 resources.push(minted.any(name));
+            }
+        }
+        // Token secrets: the fast-path audiences' usable tokens.
+        if let Some(secrets) = &self.tokens {
+            for name in &request.resource_names {
+                if tokens::audience_of(name).is_some()
+                    && secrets.admit(name).is_ok()
+                    && let Some(ready) = secrets.ready(name, Instant::now())
+                {
+                    version.push(ready.serial.to_string());
+                    resources.push(ready.any(name));
+                }
             }
         }
         Ok(Response::new(DiscoveryResponse {
@@ -357,5 +241,7 @@ impl SecretDiscoveryService for Sds {
     }
 }
 
+#[cfg(test)]
+use delta::DeltaStream;
 #[cfg(test)]
 mod tests;

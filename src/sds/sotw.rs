@@ -1,7 +1,9 @@
 //! State-of-the-world secret streams (`StreamSecrets`): every request
 //! names the whole set wanted; every answer carries every secret of the set
 //! that may be minted. Secrets are re-minted and the set is sent again
-//! before the soonest one expires.
+//! before the soonest one expires. Token secrets (see [`super::tokens`])
+//! are in the set while usable; a new token, or a token gone unusable,
+//! sends the set again.
 
 use std::collections::HashMap;
 
@@ -13,14 +15,20 @@ use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
 use super::certs::{self, Certificates};
-use super::{StreamEnv, check_type, closed, note_ack, sleep_until};
+use super::tokens::{self, TokenSecrets};
+use super::{StreamEnv, check_type, closed, hold, note_ack, sleep_until};
 
 pub(super) async fn serve_sotw(
-    StreamEnv { certs, mut closing }: StreamEnv,
+    StreamEnv {
+        certs,
+        tokens,
+        mut closing,
+    }: StreamEnv,
     mut inbound: Streaming<DiscoveryRequest>,
     out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) {
-    let mut stream = SotwStream::new(&certs);
+    let mut token_watch = tokens.as_ref().map(TokenSecrets::watch);
+    let mut stream = SotwStream::new(certs.as_deref(), tokens.as_ref());
     loop {
         let send = tokio::select! {
             message = inbound.message() => match message {
@@ -36,7 +44,8 @@ pub(super) async fn serve_sotw(
                 }
                 Ok(None) | Err(_) => return,
             },
-            () = sleep_until(stream.rotation) => true,
+            () = sleep_until(stream.next_wakeup()) => true,
+            () = tokens::changed(token_watch.as_mut()) => stream.tokens_changed(),
             () = closed(&mut closing) => return,
         };
         if send && out.send(Ok(stream.response().await)).await.is_err() {
@@ -47,8 +56,11 @@ pub(super) async fn serve_sotw(
 
 /// One state-of-the-world stream: the names Envoy asked for last, the
 /// slots they hold, and when the soonest secret must be rotated.
-struct SotwStream<'a> {
-    certs: &'a Certificates,
+pub(super) struct SotwStream<'a> {
+    certs: Option<&'a Certificates>,
+    tokens: Option<&'a TokenSecrets>,
+    /// The admitted token secret names among `names`.
+    token_names: tokens::Subscriptions,
     /// Sorted, without duplicates.
     names: Vec<String>,
     slots: HashMap<String, certs::Slot<'a>>,
@@ -57,9 +69,14 @@ struct SotwStream<'a> {
 }
 
 impl<'a> SotwStream<'a> {
-    fn new(certs: &'a Certificates) -> SotwStream<'a> {
+    pub(super) fn new(
+        certs: Option<&'a Certificates>,
+        tokens: Option<&'a TokenSecrets>,
+    ) -> SotwStream<'a> {
         SotwStream {
             certs,
+            tokens,
+            token_names: tokens::Subscriptions::default(),
             names: Vec::new(),
             slots: HashMap::new(),
             rotation: None,
@@ -69,7 +86,7 @@ impl<'a> SotwStream<'a> {
 
     /// Takes the requested names; whether they changed. Names no longer
     /// asked for give their slots back.
-    fn set_names(&mut self, mut requested: Vec<String>) -> bool {
+    pub(super) fn set_names(&mut self, mut requested: Vec<String>) -> bool {
         requested.sort();
         requested.dedup();
         let changed = requested != self.names;
@@ -77,16 +94,46 @@ impl<'a> SotwStream<'a> {
         let names = &self.names;
         self.slots
             .retain(|name, _| names.binary_search(name).is_ok());
+        self.token_names
+            .retain(|name| names.binary_search_by(|n| n.as_str().cmp(name)).is_ok());
+        if let Some(secrets) = self.tokens {
+            for name in &self.names {
+                if tokens::audience_of(name).is_some()
+                    && !self.token_names.contains(name)
+                    && secrets.admit(name).is_ok()
+                {
+                    self.token_names.add(name);
+                }
+            }
+        }
         changed
+    }
+
+    /// When to send the set again: the soonest leaf rotation or token end.
+    pub(super) fn next_wakeup(&self) -> Option<Instant> {
+        match (self.rotation, self.token_names.next_expiry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether a token in the set changed (new, or gone unusable) since
+    /// the last response; a response follows if so.
+    pub(super) fn tokens_changed(&mut self) -> bool {
+        let Some(secrets) = self.tokens else {
+            return false;
+        };
+        self.token_names.pending(secrets, Instant::now())
     }
 
     /// Every asked-for name that holds (or now gets) a slot and can be
     /// minted, under its name as asked; the others are left out (SotW has
     /// no way to refuse a name).
-    async fn response(&mut self) -> DiscoveryResponse {
+    pub(super) async fn response(&mut self) -> DiscoveryResponse {
         for name in &self.names {
-            if !self.slots.contains_key(name)
-                && let Ok(slot) = self.certs.hold(name)
+            if tokens::audience_of(name).is_none()
+                && !self.slots.contains_key(name)
+                && let Ok(slot) = hold(self.certs, name)
             {
                 self.slots.insert(name.clone(), slot);
             }
@@ -97,12 +144,29 @@ impl<'a> SotwStream<'a> {
             let Some(slot) = self.slots.get(name) else {
                 continue;
             };
-            if let Ok(minted) = self.certs.get(slot).await {
+            if let Ok(minted) = slot.certs().get(slot).await {
                 self.rotation = Some(
                     self.rotation
                         .map_or(minted.rotate_at, |r| r.min(minted.rotate_at)),
                 );
                 resources.push(minted.any(name));
+            }
+        }
+        if let Some(secrets) = self.tokens {
+            // Sync records what this response carries; every usable token
+            // of the set is in it.
+            let _ = self.token_names.sync(secrets, Instant::now());
+            for name in &self.names {
+                if !self.token_names.contains(name) {
+                    continue;
+                }
+                if let Some(ready) = secrets.ready(name, Instant::now()) {
+                    resources.push(ready.any(name));
+                } else if self.token_names.is_withdrawn(name) {
+                    // Envoy rejects a response without the secret and
+                    // would keep the old token: the empty one fails closed.
+                    resources.push(tokens::withdrawn_any(name));
+                }
             }
         }
         self.nonce += 1;

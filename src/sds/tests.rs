@@ -29,7 +29,7 @@ fn names(response: &DeltaDiscoveryResponse) -> (Vec<&str>, Vec<&str>) {
 #[tokio::test(start_paused = true)]
 async fn delta_serves_refuses_bounds_and_rotates() {
     let certs = store(2);
-    let mut stream = DeltaStream::new(&certs);
+    let mut stream = DeltaStream::new(Some(&certs), None);
     let first = stream
         .on_request(subscribe(&["localhost", "evil.test"]))
         .await
@@ -101,7 +101,7 @@ async fn delta_serves_refuses_bounds_and_rotates() {
 #[tokio::test]
 async fn reconnects_resubscribe_through_initial_versions() {
     let certs = store(4);
-    let mut stream = DeltaStream::new(&certs);
+    let mut stream = DeltaStream::new(Some(&certs), None);
     let request = DeltaDiscoveryRequest {
         type_url: Secret::type_url(),
         initial_resource_versions: [("localhost".to_owned(), "7".to_owned())].into(),
@@ -114,7 +114,7 @@ async fn reconnects_resubscribe_through_initial_versions() {
 #[tokio::test]
 async fn other_resource_types_are_an_error() {
     let certs = store(4);
-    let mut stream = DeltaStream::new(&certs);
+    let mut stream = DeltaStream::new(Some(&certs), None);
     let request = DeltaDiscoveryRequest {
         type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
         ..Default::default()
@@ -126,7 +126,7 @@ async fn other_resource_types_are_an_error() {
 #[tokio::test]
 async fn case_variants_in_one_stream_share_a_slot_and_keep_their_names() {
     let certs = store(1);
-    let mut stream = DeltaStream::new(&certs);
+    let mut stream = DeltaStream::new(Some(&certs), None);
     let answer = stream
         .on_request(subscribe(&["LocalHost", "localhost.", "LOCALHOST"]))
         .await
@@ -211,7 +211,7 @@ async fn a_ca_near_its_end_is_not_rotated_in_a_loop() {
     // thirds of that would push every few seconds (and, once the CA ran
     // out, without pause); it waits MIN_ROTATION instead.
     let certs = ending_store(10, SystemTime::now() + Duration::from_secs(5));
-    let mut stream = DeltaStream::new(&certs);
+    let mut stream = DeltaStream::new(Some(&certs), None);
     let first = stream
         .on_request(subscribe(&["localhost"]))
         .await
@@ -238,7 +238,7 @@ async fn a_ca_near_its_end_is_not_rotated_in_a_loop() {
 #[tokio::test(start_paused = true)]
 async fn an_expired_ca_is_refused_not_rotated() {
     let certs = ending_store(10, SystemTime::now() - Duration::from_secs(1));
-    let mut stream = DeltaStream::new(&certs);
+    let mut stream = DeltaStream::new(Some(&certs), None);
     let answer = stream
         .on_request(subscribe(&["localhost"]))
         .await

@@ -107,7 +107,13 @@ struct Current {
     expires_at: SystemTime,
     /// When this token was minted (the last-refresh gauge).
     minted_at: SystemTime,
+    /// Unique per minted token in this process: the SDS version of a token
+    /// secret (see `sds::tokens`), never derived from the token itself.
+    serial: u64,
 }
+
+/// The source of [`Current::serial`].
+static SERIALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Current {
     fn new(issued: IssuedToken, policy: &Policy) -> Result<Current, Error> {
@@ -127,6 +133,7 @@ impl Current {
             usable_until: now + usable_for,
             expires_at: issued.expires_at,
             minted_at,
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
         })
     }
 }

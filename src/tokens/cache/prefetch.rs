@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use super::{Current, Entry, TokenCache};
 use crate::audience::Audience;
+use crate::secret::Token;
 use crate::tokens::TokenSource;
 
 /// One prefetched audience's token, once minted.
@@ -65,7 +66,7 @@ impl Pinned {
     }
 
     /// How many audiences are prefetched.
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.slots.len()
     }
 
@@ -127,6 +128,51 @@ impl Pinned {
             .iter()
             .filter_map(|(audience, _)| Some((audience.clone(), self.current(audience)?)))
             .collect()
+    }
+
+    /// The prefetched audiences, in the order given.
+    pub(crate) fn audiences(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().map(|(a, _)| a.as_str())
+    }
+
+    /// Whether `audience` is prefetched (a fast-path audience).
+    pub(crate) fn contains(&self, audience: &str) -> bool {
+        self.slots.iter().any(|(a, _)| a.as_str() == audience)
+    }
+
+    /// The usable token of the prefetched `audience` at `now`, with its
+    /// serial (unique per mint) and the end of its usable time.
+    pub(crate) fn token(&self, audience: &str, now: Instant) -> Option<(Token, u64, Instant)> {
+        let (audience, _) = self.slots.iter().find(|(a, _)| a.as_str() == audience)?;
+        self.usable(audience, now)
+            .map(|c| (c.token, c.serial, c.usable_until))
+    }
+
+    /// Pinned slots for `audiences` with no task (for other modules' tests).
+    #[cfg(test)]
+    pub(crate) fn for_tests(audiences: &[Audience]) -> Pinned {
+        Pinned::new(audiences)
+    }
+
+    /// Stores `token` for `audience`, usable for `usable_for` from now
+    /// (for other modules' tests).
+    #[cfg(test)]
+    pub(crate) fn store_for_tests(
+        &self,
+        audience: &Audience,
+        token: Token,
+        usable_for: std::time::Duration,
+    ) {
+        let now = Instant::now();
+        let current = Current {
+            token,
+            refresh_at: now + usable_for / 2,
+            usable_until: now + usable_for,
+            expires_at: std::time::SystemTime::now() + usable_for,
+            minted_at: std::time::SystemTime::now(),
+            serial: super::SERIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
+        self.store(audience, &current);
     }
 
     /// A receiver that sees every write to a slot.
