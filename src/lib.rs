@@ -30,6 +30,7 @@ mod audience;
 mod ca;
 pub mod config;
 mod destination;
+pub mod envoy_config;
 mod ext_proc;
 mod intercept;
 #[cfg(test)]

@@ -165,7 +165,7 @@ pub(crate) fn classify(host: &Host<'_>) -> Option<LocalKind> {
 
 /// Names of this machine in `/etc/hosts` of common Linux distributions
 /// (Debian, Ubuntu, Fedora, RHEL), besides `localhost` itself.
-const LOOPBACK_NAMES: &[&str] = &[
+pub(crate) const LOOPBACK_NAMES: &[&str] = &[
     "localhost",
     "ip6-localhost",
     "ip6-loopback",
@@ -177,7 +177,7 @@ const LOOPBACK_NAMES: &[&str] = &[
 ];
 
 /// Cloud metadata endpoints reached by name.
-const METADATA_NAMES: &[&str] = &["metadata.google.internal", "metadata.goog"];
+pub(crate) const METADATA_NAMES: &[&str] = &["metadata.google.internal", "metadata.goog"];
 
 /// AWS IMDS over IPv6.
 const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);

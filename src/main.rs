@@ -8,14 +8,25 @@
 
 use std::process::ExitCode;
 
+use std::ffi::OsString;
+use std::io::Write as _;
+
 use clap::Parser;
 use kube_audience_proxy::config::{Cli, Config};
+use kube_audience_proxy::envoy_config::{self, EnvoyConfigCli};
 use kube_audience_proxy::{RunError, run, shutdown, telemetry};
+
+/// The subcommand that prints Envoy's configuration instead of running.
+const ENVOY_CONFIG: &str = "envoy-config";
 
 fn main() -> ExitCode {
     if let Err(error) = disable_core_dumps() {
         eprintln!("kube-audience-proxy: cannot disable core dumps: {error}");
         return ExitCode::FAILURE;
+    }
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|arg| arg == ENVOY_CONFIG) {
+        return print_envoy_config(&args[2..]);
     }
     match start() {
         Ok(()) => ExitCode::SUCCESS,
@@ -40,6 +51,34 @@ fn start() -> Result<(), RunError> {
         let shutdown = shutdown::signal();
         run(config, shutdown).await
     })
+}
+
+/// `kube-audience-proxy envoy-config ARGS`: the configuration on stdout;
+/// bad flags as the processor reports them (one line each, exit 64).
+fn print_envoy_config(args: &[OsString]) -> ExitCode {
+    let program = OsString::from("kube-audience-proxy envoy-config");
+    let cli = match EnvoyConfigCli::try_parse_from(std::iter::once(program).chain(args.to_vec())) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    match envoy_config::generate(&cli, args) {
+        Ok(text) => {
+            let mut stdout = std::io::stdout().lock();
+            match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("kube-audience-proxy: cannot write the configuration: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(errors) => {
+            for line in errors.to_string().lines() {
+                eprintln!("kube-audience-proxy: {line}");
+            }
+            ExitCode::from(64)
+        }
+    }
 }
 
 /// A crash must not write the tokens and the CA key held in memory to disk:

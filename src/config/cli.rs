@@ -18,7 +18,13 @@ use crate::ext_proc::OnTokenError;
 /// background), and tells Envoy to set `authorization: Bearer <token>` and to
 /// drop the audience header and parameter.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about, args_override_self = true)]
+#[command(
+    version,
+    about,
+    long_about,
+    args_override_self = true,
+    after_long_help = "Envoy's configuration for these flags: `kube-audience-proxy envoy-config [FLAGS]` (see `kube-audience-proxy envoy-config --help`)."
+)]
 pub struct Cli {
     /// ServiceAccount whose tokens are minted (required).
     #[arg(long, env = "SERVICE_ACCOUNT", value_name = "NAME")]

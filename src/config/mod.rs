@@ -150,6 +150,61 @@ pub enum ListenAddress {
     Unix(PathBuf),
 }
 
+/// What `kube-audience-proxy envoy-config` needs: the settings the Envoy
+/// configuration depends on, validated exactly as the processor validates
+/// them (so a configuration the processor would refuse is not generated).
+/// The ServiceAccount, namespace and API server connection are not read.
+#[derive(Clone, Debug)]
+pub struct EnvoySettings {
+    /// Where Envoy reaches the processor.
+    pub(crate) grpc: ListenAddress,
+    /// The audience header and parameter, the allowlist and the rules.
+    pub(crate) audience: Rules,
+    /// The fast-path audiences: `--prefetch-audience` and the rules'
+    /// literal audiences, in that order.
+    pub(crate) fast_path: Vec<Audience>,
+    /// `--allow-local-destinations`.
+    pub(crate) allow_local: bool,
+    /// `--token-request-timeout`: Envoy's `message_timeout` is one second more.
+    pub(crate) request_timeout: Duration,
+}
+
+impl TryFrom<&Cli> for EnvoySettings {
+    type Error = ConfigErrors;
+
+    fn try_from(cli: &Cli) -> Result<EnvoySettings, ConfigErrors> {
+        let mut errors = Collector::default();
+        let grpc = errors.take(parse_grpc_address(&cli.grpc_listen_address));
+        let audience = audience_rules(cli, &mut errors);
+        let apiserver_ok = apiserver_audience(cli, &mut errors).and(rule_apiserver_audiences(
+            cli,
+            audience.as_ref(),
+            &mut errors,
+        ));
+        let fast_path = prefetch::prefetch_audiences(cli, audience.as_ref(), &mut errors);
+        let request_timeout =
+            non_zero(&mut errors, "--token-request-timeout", cli.token_request_timeout).and_then(
+                |timeout| {
+                    errors.check(timeout <= MAX_TOKEN_REQUEST_TIMEOUT, || {
+                        ConfigError::TokenRequestTimeout(timeout)
+                    })?;
+                    Some(timeout)
+                },
+            );
+        let settings = (|| {
+            apiserver_ok?;
+            Some(EnvoySettings {
+                grpc: grpc?,
+                audience: audience?,
+                fast_path: fast_path?,
+                allow_local: cli.allow_local_destinations,
+                request_timeout: request_timeout?,
+            })
+        })();
+        errors.finish(settings)
+    }
+}
+
 // === building the sections ===
 
 impl TryFrom<Cli> for Config {

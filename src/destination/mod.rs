@@ -49,9 +49,9 @@ use crate::intercept::{Host, HostPattern};
 pub(crate) use parse::RuleError;
 
 /// Port of a plain-HTTP destination whose `:authority` names none.
-const HTTP_PORT: u16 = 80;
+pub(crate) const HTTP_PORT: u16 = 80;
 /// Port of an intercepted-TLS destination whose `:authority` names none.
-const HTTPS_PORT: u16 = 443;
+pub(crate) const HTTPS_PORT: u16 = 443;
 
 /// The placeholder a template replaces with the request's host.
 const HOST_PLACEHOLDER: &str = "{host}";
@@ -95,6 +95,17 @@ impl fmt::Display for Destination<'_> {
         let scheme = if self.tls { "https" } else { "http" };
         write!(f, "{scheme}://{}:{}", self.host_text(), self.port)
     }
+}
+
+/// A rule Envoy applies by itself: see [`DestinationRules::fast_rules`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastRule<'a> {
+    /// An exact name (lower case, no trailing dot) or an IP address.
+    pub host: Host<'a>,
+    /// `None`: any port.
+    pub port: Option<u16>,
+    /// The audience it supplies (and admits).
+    pub audience: &'a Audience,
 }
 
 // === Rules ===
@@ -245,6 +256,52 @@ impl DestinationRules {
             AudienceRule::Literal(audience) => Some(audience),
             AudienceRule::Any | AudienceRule::Template(_) => None,
         })
+    }
+
+    /// The rules Envoy can apply by itself (the fast path, see
+    /// `envoy_config`) for requests in plain HTTP (`tls` false) or inside
+    /// intercepted TLS: an exact name or an IP address, a literal audience,
+    /// not a local destination (unless `allow_local`), and no earlier rule
+    /// that might supply another audience for the same host and port. Any
+    /// other rule is left to the processor, which is always right; the fast
+    /// path only has to never disagree with it.
+    pub fn fast_rules(&self, tls: bool, allow_local: bool) -> Vec<FastRule<'_>> {
+        let mut fast = Vec::new();
+        for (index, rule) in self.rules.iter().enumerate() {
+            if rule.https_only && !tls {
+                continue;
+            }
+            let (AudienceRule::Literal(audience), HostMatch::Pattern(pattern)) =
+                (&rule.audience, &rule.host)
+            else {
+                continue;
+            };
+            let host = match pattern {
+                HostPattern::Exact(name) => Host::Name(name),
+                HostPattern::Ip(ip) => Host::Ip(*ip),
+                HostPattern::Suffix(_) => continue,
+            };
+            if !allow_local && crate::local::classify(&host).is_some() {
+                continue;
+            }
+            let shadowed = self.rules[..index].iter().any(|earlier| {
+                !matches!(earlier.audience, AudienceRule::Any)
+                    && (!earlier.https_only || tls)
+                    && match (earlier.port, rule.port) {
+                        (Some(a), Some(b)) => a == b,
+                        _ => true,
+                    }
+                    && earlier.host.matches(&host)
+            });
+            if !shadowed {
+                fast.push(FastRule {
+                    host,
+                    port: rule.port,
+                    audience,
+                });
+            }
+        }
+        fast
     }
 
     /// The audience for a request to `destination` that names none: that
