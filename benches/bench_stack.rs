@@ -72,6 +72,7 @@ async fn main() {
     let dir = Path::new(&args[1]).to_owned();
     let port = |i: usize| args[i].parse::<u16>().unwrap();
     let (proxy, processor, uds, floor) = (port(2), port(3), args[4].clone(), port(5));
+    let fast_processor = port(6);
     std::fs::create_dir_all(&dir).unwrap();
 
     let api = FakeApiServer::start(ApiServerOptions::default()).await;
@@ -136,6 +137,32 @@ async fn main() {
     ))
     .unwrap();
     write(&dir, "native.yaml", &native);
+
+    // The fast path: what `kube-audience-proxy envoy-config` generates for a
+    // processor whose destination rule gives the upstream the audience
+    // `bench` (Envoy injects the SDS token itself).
+    let binary = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("kube-audience-proxy");
+    let output = std::process::Command::new(&binary)
+        .arg("envoy-config")
+        .arg("--allow-local-destinations")
+        .arg(format!("--audience-rule={upstream}=bench"))
+        .arg(format!("--grpc-listen-address=127.0.0.1:{fast_processor}"))
+        .arg(format!("--proxy-listen-address=127.0.0.1:{proxy}"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut fast: Value = serde_yaml::from_slice(&output.stdout).unwrap();
+    support::envoy::admin_socket(&mut fast, &dir.join("envoy-admin.sock"));
+    write(&dir, "fast.yaml", &fast);
 
     // The test API server's caller credential, for timing TokenRequests
     // directly (a fixture credential, kept out of the output anyway).

@@ -34,17 +34,19 @@ SDS_RUNS = int(os.environ.get("BENCH_SDS_RUNS", "5"))
 CONCURRENCIES = [1, 32]
 PROXY, PROC_TCP, PROC_ADMIN, PROC_UDS_ADMIN, FLOOR = 18100, 18110, 18111, 18112, 18120
 PROC_SDS, PROC_SDS_ADMIN = 18130, 18131
+PROC_FAST, PROC_FAST_ADMIN = 18140, 18141
 VARIANTS = [
     ("a", "forward", "Envoy forwarding only"),
     ("b", "native", "Envoy injecting a static header natively"),
     ("c", "processor_tcp", "Envoy + kube-audience-proxy (loopback TCP)"),
     ("d", "processor_uds", "Envoy + kube-audience-proxy (Unix socket)"),
     ("e", "floor", "Envoy + minimal ext_proc server (protocol floor)"),
+    ("h", "fast", "Envoy + kube-audience-proxy fast path (credential_injector, SDS token)"),
     # Experiments, run only when named in BENCH_VARIANTS.
     ("f", "processor_google_grpc", "(c) with Envoy's google_grpc client"),
     ("g", "processor_pooled", "(c) with at most 8 streams per connection to the processor"),
 ]
-SELECTED = os.environ.get("BENCH_VARIANTS", "a,b,c,d,e").split(",")
+SELECTED = os.environ.get("BENCH_VARIANTS", "a,b,c,d,e,h").split(",")
 PARTS = os.environ.get("BENCH_PARTS", "e2e,only,sds,cold,memory").split(",")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -195,7 +197,7 @@ def main():
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     try:
         stack = subprocess.Popen([str(REL / "examples" / "bench_stack"), str(work), str(PROXY),
-                                  str(PROC_TCP), str(uds), str(FLOOR)],
+                                  str(PROC_TCP), str(uds), str(FLOOR), str(PROC_FAST)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.append(stack)
         info = json.loads(stack.stdout.readline())
@@ -213,6 +215,13 @@ def main():
         proc_uds = subprocess.Popen(common + ["--grpc-listen-address", f"unix:{uds}",
                                               "--admin-listen-address", f"127.0.0.1:{PROC_UDS_ADMIN}"])
         procs.append(proc_uds)
+        # The fast path's processor: the rule that gives the upstream `bench`
+        # (as the generated fast.yaml expects); it only serves the SDS token.
+        proc_fast = subprocess.Popen(common + ["--audience-rule", f"{upstream}=bench",
+                                               "--grpc-listen-address", f"127.0.0.1:{PROC_FAST}",
+                                               "--admin-listen-address", f"127.0.0.1:{PROC_FAST_ADMIN}"])
+        procs.append(proc_fast)
+        wait_port(PROC_FAST)
         floor = subprocess.Popen([str(REL / "examples" / "floor_server"), f"127.0.0.1:{FLOOR}"])
         procs.append(floor)
         floor_unix = subprocess.Popen([str(REL / "examples" / "floor_server"), f"unix:{floor_uds}"])
@@ -221,16 +230,19 @@ def main():
         wait_path(uds)
         wait_path(floor_uds)
         servers = {"processor_tcp": proc_tcp, "processor_uds": proc_uds, "floor": floor,
-                   "processor_google_grpc": proc_tcp, "processor_pooled": proc_tcp}
+                   "processor_google_grpc": proc_tcp, "processor_pooled": proc_tcp, "fast": proc_fast}
 
         # 1. End to end through Envoy, interleaved.
-        path = "/metrics?kubernetes-audience=bench"
+        # The fast path serves requests that name no audience (the rule names
+        # it); every other variant names it in the query.
+        paths = {"fast": "/metrics"}
         runs = []
         for repeat in range(REPEATS if "e2e" in PARTS else 0):
             for letter, name, _ in VARIANTS:
                 if letter not in SELECTED:
                     continue
                 envoy = start_envoy(work / f"{name}.yaml")
+                path = paths.get(name, "/metrics?kubernetes-audience=bench")
                 try:
                     wrk(8, 1, upstream, path)  # warm up: connections, token cache, DNS cache
                     for concurrency in CONCURRENCIES:

@@ -64,7 +64,10 @@ fn print_envoy_config(args: &[OsString]) -> ExitCode {
     match envoy_config::generate(&cli, args) {
         Ok(text) => {
             let mut stdout = std::io::stdout().lock();
-            match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+            match stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("kube-audience-proxy: cannot write the configuration: {error}");

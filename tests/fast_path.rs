@@ -51,7 +51,10 @@ impl Fast {
         let dynamic = Upstream::start(api.verifier()).await;
         let kubeconfig = support::Kubeconfig::of(&api);
         let rules = [
-            format!("--audience-rule=127.0.0.1:{}={AUDIENCE}", fast.addr().port()),
+            format!(
+                "--audience-rule=127.0.0.1:{}={AUDIENCE}",
+                fast.addr().port()
+            ),
             format!("--audience-rule=127.0.0.1:{}=*", dynamic.addr().port()),
         ];
         let rule_args: Vec<&str> = rules.iter().map(String::as_str).collect();
@@ -76,7 +79,12 @@ impl Fast {
 
     /// One request through Envoy to `upstream`, `query` appended to a path
     /// of its own: the status and what the upstream saw of it.
-    async fn get(&self, upstream: &Upstream, query: &str, extra: &[&str]) -> (u16, Option<Received>) {
+    async fn get(
+        &self,
+        upstream: &Upstream,
+        query: &str,
+        extra: &[&str],
+    ) -> (u16, Option<Received>) {
         let n = self
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -123,21 +131,36 @@ async fn a_rule_destination_gets_its_token_from_envoy_and_the_rest_from_the_proc
     // The audience header naming the rule's audience: the fast path, and
     // the header never reaches the upstream.
     let (status, seen) = s
-        .get(&s.fast, "", &["-H", &format!("x-kubernetes-audience: {AUDIENCE}")])
+        .get(
+            &s.fast,
+            "",
+            &["-H", &format!("x-kubernetes-audience: {AUDIENCE}")],
+        )
         .await;
     assert_eq!(status, 200);
     let seen = seen.expect("the upstream got it");
     verified(&seen, AUDIENCE);
     assert_eq!(seen.header("x-kubernetes-audience"), None);
-    assert_eq!(s.ext_proc_streams().await, 0, "a fast-path request went to ext_proc");
+    assert_eq!(
+        s.ext_proc_streams().await,
+        0,
+        "a fast-path request went to ext_proc"
+    );
     let injected = s
         .envoy
         .stat("http.forward_proxy.credential_injector.injected")
         .await;
-    assert_eq!(injected, Some(4), "{}", s.envoy.admin_get("/stats?filter=credential").await.1);
+    assert_eq!(
+        injected,
+        Some(4),
+        "{}",
+        s.envoy.admin_get("/stats?filter=credential").await.1
+    );
 
     // A dynamic audience: ext_proc, as before, with the parameter removed.
-    let (status, seen) = s.get(&s.dynamic, "?kubernetes-audience=aud-b&x=1", &[]).await;
+    let (status, seen) = s
+        .get(&s.dynamic, "?kubernetes-audience=aud-b&x=1", &[])
+        .await;
     assert_eq!(status, 200);
     let seen = seen.expect("the upstream got it");
     verified(&seen, "aud-b");
@@ -191,7 +214,10 @@ async fn rotation_is_used_and_envoy_fails_closed_past_the_usable_end() {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut refused = 0;
     while refused < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "Envoy never failed closed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Envoy never failed closed"
+        );
         let (status, seen) = s.get(&s.fast, "", &[]).await;
         match status {
             200 => {
@@ -211,7 +237,10 @@ async fn rotation_is_used_and_envoy_fails_closed_past_the_usable_end() {
     s.api.clear_faults();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        assert!(tokio::time::Instant::now() < deadline, "no token after recovery");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no token after recovery"
+        );
         let (status, seen) = s.get(&s.fast, "", &[]).await;
         if status == 200 {
             verified(&seen.expect("the upstream got it"), AUDIENCE);
@@ -220,5 +249,9 @@ async fn rotation_is_used_and_envoy_fails_closed_past_the_usable_end() {
         assert_eq!(status, 401);
         tokio::time::sleep(POLL).await;
     }
-    assert_eq!(s.ext_proc_streams().await, streams_before, "the fast path used ext_proc");
+    assert_eq!(
+        s.ext_proc_streams().await,
+        streams_before,
+        "the fast path used ext_proc"
+    );
 }

@@ -1,8 +1,9 @@
-//! The shipped Istio EnvoyFilter: valid against Istio's EnvoyFilter schema,
-//! and the Envoy configuration inside its patches works in the real Envoy
-//! (spliced into the shipped bootstrap in place of our own ext_proc filter
-//! and processor cluster, then driven end to end with curl). Istio itself
-//! cannot run on this machine.
+//! The Istio EnvoyFilter: the shipped one is valid against Istio's
+//! EnvoyFilter schema (that it is `envoy-config --format=istio` for its
+//! deployment's flags is checked in tests/deploy), and the patches the
+//! generator writes work in the real Envoy (spliced into the shipped
+//! bootstrap as Istio would apply them, then driven end to end with curl).
+//! Istio itself cannot run on this machine.
 
 mod support;
 
@@ -55,69 +56,28 @@ fn the_envoy_filter_matches_istios_schema() {
     assert!(!validator.is_valid(&broken));
 }
 
-#[tokio::test]
-async fn the_patched_filter_and_cluster_work_in_envoy() {
-    let api = FakeApiServer::start(ApiServerOptions::default()).await;
-    let upstream = Upstream::start(api.verifier()).await;
-    let kubeconfig = support::Kubeconfig::of(&api);
-    let processor = Processor::start(&kubeconfig.path, &[]).await;
-
-    let filter = envoy_filter();
-    let mut config = envoy::shipped_config();
-    // The ext_proc filter Istio would insert before the router.
-    let hcm = &mut config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
-    let filters = hcm["http_filters"].as_sequence_mut().unwrap();
-    filters.retain(|f| f["name"] != "envoy.filters.http.ext_proc");
-    let router = filters.len() - 1;
-    filters.insert(
-        router,
-        patch(&filter, "HTTP_FILTER")["patch"]["value"].clone(),
-    );
-    // The processor cluster Istio would add.
-    let clusters = config["static_resources"]["clusters"]
-        .as_sequence_mut()
-        .unwrap();
-    clusters.retain(|c| c["name"] != "kube_audience_proxy");
-    clusters.push(patch(&filter, "CLUSTER")["patch"]["value"].clone());
-    envoy::point_at_processor(&mut config, &processor.grpc);
-    let envoy = Envoy::start(&config).await;
-
-    let url = format!(
-        "{}/metrics?kubernetes-audience=node-exporter&x=1",
-        upstream.url()
-    );
-    let reply = support::curl::via_proxy(&envoy.proxy_url(), &url, &[]).await;
-    assert_eq!(reply.status, 200, "{reply:?}\n{}", envoy.logs());
-    let got = upstream.received().pop().unwrap();
-    assert_eq!(got.path, "/metrics?x=1");
-    match got.verdict {
-        TokenVerdict::Valid(claims) => assert_eq!(claims.aud, ["node-exporter"]),
-        other => panic!("{other:?}"),
-    }
-}
-
-/// The per-route patch: a route carrying the EnvoyFilter's MERGE value names
-/// the audience in the ext_proc stream's metadata, so a request that names
-/// none gets a token for it; other routes get none.
-#[tokio::test]
-async fn the_per_route_patch_names_the_audience_in_envoy() {
-    let api = FakeApiServer::start(ApiServerOptions::default()).await;
-    let upstream = Upstream::start(api.verifier()).await;
-    let kubeconfig = support::Kubeconfig::of(&api);
-    let processor = Processor::start(&kubeconfig.path, &[]).await;
-
-    let filter = envoy_filter();
-    let route_patch = patch(&filter, "HTTP_ROUTE");
-    assert_eq!(route_patch["patch"]["operation"], "MERGE");
-    assert_eq!(route_patch["match"]["context"], "SIDECAR_OUTBOUND");
-    let vhost = route_patch["match"]["routeConfiguration"]["vhost"]["name"]
-        .as_str()
+/// The EnvoyFilter `envoy-config --format=istio` generates for `args`.
+fn generated_filter(args: &[String]) -> Value {
+    let output = std::process::Command::new(support::processor::binary())
+        .arg("envoy-config")
+        .arg("--format=istio")
+        .args(args)
+        .output()
         .unwrap();
     assert!(
-        vhost.ends_with(":9100"),
-        "Istio names vhosts HOST:PORT: {vhost}"
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
+    serde_yaml::from_slice(&output.stdout).unwrap()
+}
 
+/// The shipped bootstrap with `filter`'s patches applied as Istio applies
+/// them to the sidecar's outbound chain: the HTTP filter before the
+/// router (in place of our own ext_proc filter), the processor cluster,
+/// the route configuration's header removal merged; `route` (if any)
+/// first among the routes.
+fn patched_bootstrap(filter: &Value, processor: &str, route: Option<Value>) -> Value {
     let mut config = envoy::shipped_config();
     let hcm = &mut config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
     let filters = hcm["http_filters"].as_sequence_mut().unwrap();
@@ -125,46 +85,142 @@ async fn the_per_route_patch_names_the_audience_in_envoy() {
     let router = filters.len() - 1;
     filters.insert(
         router,
-        patch(&filter, "HTTP_FILTER")["patch"]["value"].clone(),
+        patch(filter, "HTTP_FILTER")["patch"]["value"].clone(),
     );
+    let merge = &patch(filter, "ROUTE_CONFIGURATION")["patch"];
+    assert_eq!(merge["operation"], "MERGE");
+    hcm["route_config"]["request_headers_to_remove"] =
+        merge["value"]["request_headers_to_remove"].clone();
     let clusters = config["static_resources"]["clusters"]
         .as_sequence_mut()
         .unwrap();
     clusters.retain(|c| c["name"] != "kube_audience_proxy");
-    clusters.push(patch(&filter, "CLUSTER")["patch"]["value"].clone());
-    // The route Istio would generate for that virtual host, with the patch
-    // merged into it.
-    let mut route: Value = serde_yaml::from_str(
-        "match: { prefix: \"/node-exporter/\" }\nroute: { cluster: dynamic_forward_proxy }",
-    )
-    .unwrap();
-    for (key, value) in route_patch["patch"]["value"].as_mapping().unwrap() {
-        route[key.as_str().unwrap()] = value.clone();
+    clusters.push(patch(filter, "CLUSTER")["patch"]["value"].clone());
+    if let Some(route) = route {
+        envoy::routes_mut(&mut config).insert(0, route);
     }
-    envoy::routes_mut(&mut config).insert(0, route);
-    envoy::point_at_processor(&mut config, &processor.grpc);
-    let envoy = Envoy::start(&config).await;
+    envoy::point_at_processor(&mut config, processor);
+    config
+}
 
-    let url = format!("{}/node-exporter/metrics", upstream.url());
-    let reply = support::curl::via_proxy(&envoy.proxy_url(), &url, &[]).await;
-    assert_eq!(reply.status, 200, "{reply:?}\n{}", envoy.logs());
-    let audience = route_patch["patch"]["value"]["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
-        ["overrides"]["grpc_initial_metadata"][0]["value"]
-        .as_str()
-        .unwrap();
-    match upstream.received().pop().unwrap().verdict {
-        TokenVerdict::Valid(claims) => assert_eq!(claims.aud, [audience]),
-        other => panic!("{other:?}"),
+/// The processor's flags in a test: a fast rule for `fast`, `*` for `dynamic`.
+fn rules(fast: &Upstream, dynamic: &Upstream) -> Vec<String> {
+    vec![
+        format!(
+            "--audience-rule=127.0.0.1:{}=node-exporter",
+            fast.addr().port()
+        ),
+        format!("--audience-rule=127.0.0.1:{}=*", dynamic.addr().port()),
+    ]
+}
+
+/// The patches `envoy-config --format=istio` generates, in the real Envoy:
+/// the rule's destination gets its token from Envoy itself (no ext_proc
+/// stream), a dynamic audience from the processor, and the audience header
+/// never reaches the upstream on either path.
+#[tokio::test]
+async fn the_generated_patches_work_in_envoy() {
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let fast = Upstream::start(api.verifier()).await;
+    let dynamic = Upstream::start(api.verifier()).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let rules = rules(&fast, &dynamic);
+    let rule_args: Vec<&str> = rules.iter().map(String::as_str).collect();
+    let processor = Processor::start(&kubeconfig.path, &rule_args).await;
+    let mut args: Vec<String> = support::COMMON_ARGS.iter().map(|a| a.to_string()).collect();
+    args.extend(rules.iter().cloned());
+    args.push(format!("--grpc-listen-address={}", processor.grpc));
+    let filter = generated_filter(&args);
+    let envoy = Envoy::start(&patched_bootstrap(&filter, &processor.grpc, None)).await;
+    let streams = "http.forward_proxy.ext_proc.streams_started";
+
+    let url = format!("{}/metrics", fast.url());
+    let header = ["-H", "x-kubernetes-audience: node-exporter"];
+    for extra in [&[][..], &header[..]] {
+        let reply = support::curl::via_proxy(&envoy.proxy_url(), &url, extra).await;
+        assert_eq!(reply.status, 200, "{reply:?}\n{}", envoy.logs());
+        let got = fast.received().pop().unwrap();
+        assert_eq!(got.header("x-kubernetes-audience"), None);
+        match got.verdict {
+            TokenVerdict::Valid(claims) => assert_eq!(claims.aud, ["node-exporter"]),
+            other => panic!("{other:?}"),
+        }
     }
+    assert_eq!(envoy.stat(streams).await.unwrap_or(0), 0);
+
+    let url = format!("{}/metrics?x=1", dynamic.url());
     let reply = support::curl::via_proxy(
         &envoy.proxy_url(),
-        &format!("{}/other", upstream.url()),
-        &[],
+        &url,
+        &["-H", "x-kubernetes-audience: other"],
     )
     .await;
     assert_eq!(reply.status, 200, "{reply:?}");
+    let got = dynamic.received().pop().unwrap();
+    assert_eq!(got.path, "/metrics?x=1");
+    assert_eq!(got.header("x-kubernetes-audience"), None);
+    match got.verdict {
+        TokenVerdict::Valid(claims) => assert_eq!(claims.aud, ["other"]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(envoy.stat(streams).await, Some(1));
+}
+
+/// A per-route audience (README, "Per-route audience"): a route's
+/// `typed_per_filter_config` for `envoy.filters.http.ext_proc` still
+/// reaches the ext_proc filter when the fast path wraps it in the
+/// composite filter, so a request that names no audience gets a token for
+/// the route's audience; other routes get none.
+#[tokio::test]
+async fn a_per_route_audience_reaches_ext_proc_behind_the_fast_path() {
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let fast = Upstream::start(api.verifier()).await;
+    let dynamic = Upstream::start(api.verifier()).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let rules = rules(&fast, &dynamic);
+    let rule_args: Vec<&str> = rules.iter().map(String::as_str).collect();
+    let processor = Processor::start(&kubeconfig.path, &rule_args).await;
+    let mut args: Vec<String> = support::COMMON_ARGS.iter().map(|a| a.to_string()).collect();
+    args.extend(rules.iter().cloned());
+    args.push(format!("--grpc-listen-address={}", processor.grpc));
+    let filter = generated_filter(&args);
+    let composite = &patch(&filter, "HTTP_FILTER")["patch"]["value"];
+    assert_eq!(composite["name"], "envoy.filters.http.ext_proc");
+    assert!(
+        composite["typed_config"]["@type"]
+            .as_str()
+            .unwrap()
+            .ends_with("ExtensionWithMatcher")
+    );
+    let route: Value = serde_yaml::from_str(
+        r#"
+match: { prefix: "/per-route/" }
+route: { cluster: dynamic_forward_proxy }
+typed_per_filter_config:
+  envoy.filters.http.ext_proc:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
+    overrides:
+      grpc_initial_metadata:
+      - key: x-kubernetes-audience
+        value: per-route
+"#,
+    )
+    .unwrap();
+    let envoy = Envoy::start(&patched_bootstrap(&filter, &processor.grpc, Some(route))).await;
+
+    let url = format!("{}/per-route/metrics", dynamic.url());
+    let reply = support::curl::via_proxy(&envoy.proxy_url(), &url, &[]).await;
+    assert_eq!(reply.status, 200, "{reply:?}\n{}", envoy.logs());
+    match dynamic.received().pop().unwrap().verdict {
+        TokenVerdict::Valid(claims) => assert_eq!(claims.aud, ["per-route"]),
+        other => panic!("{other:?}"),
+    }
+    let reply =
+        support::curl::via_proxy(&envoy.proxy_url(), &format!("{}/other", dynamic.url()), &[])
+            .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
     assert!(matches!(
-        upstream.received().pop().unwrap().verdict,
+        dynamic.received().pop().unwrap().verdict,
         TokenVerdict::Missing
     ));
 }

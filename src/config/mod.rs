@@ -182,15 +182,17 @@ impl TryFrom<&Cli> for EnvoySettings {
             &mut errors,
         ));
         let fast_path = prefetch::prefetch_audiences(cli, audience.as_ref(), &mut errors);
-        let request_timeout =
-            non_zero(&mut errors, "--token-request-timeout", cli.token_request_timeout).and_then(
-                |timeout| {
-                    errors.check(timeout <= MAX_TOKEN_REQUEST_TIMEOUT, || {
-                        ConfigError::TokenRequestTimeout(timeout)
-                    })?;
-                    Some(timeout)
-                },
-            );
+        let request_timeout = non_zero(
+            &mut errors,
+            "--token-request-timeout",
+            cli.token_request_timeout,
+        )
+        .and_then(|timeout| {
+            errors.check(timeout <= MAX_TOKEN_REQUEST_TIMEOUT, || {
+                ConfigError::TokenRequestTimeout(timeout)
+            })?;
+            Some(timeout)
+        });
         let settings = (|| {
             apiserver_ok?;
             Some(EnvoySettings {

@@ -268,7 +268,10 @@ fn write_predicate(out: &mut Lines, indent: usize, predicate: &Predicate) {
 }
 
 fn regex_value(regex: &str) -> String {
-    format!("{{ safe_regex: {{ google_re2: {{}}, regex: {} }} }}", quote(regex))
+    format!(
+        "{{ safe_regex: {{ google_re2: {{}}, regex: {} }} }}",
+        quote(regex)
+    )
 }
 
 #[cfg(test)]

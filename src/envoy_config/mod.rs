@@ -321,7 +321,10 @@ fn write_filter(
     out.line(body, "xds_matcher:");
     let inject = |out: &mut Lines, at: usize, audience: &Audience| {
         out.line(at, "action:");
-        out.line(at + 2, &format!("name: {}", quote(&format!("token {audience}"))));
+        out.line(
+            at + 2,
+            &format!("name: {}", quote(&format!("token {audience}"))),
+        );
         out.line(at + 2, "typed_config:");
         execute(out, at + 4);
         out.line(at + 6, "name: envoy.filters.http.credential_injector");

@@ -1,5 +1,6 @@
-//! The Envoy configuration each package ships as a generated ConfigMap:
-//! equal to `envoy/envoy.yaml` (or its one documented variant), accepted by
+//! The Envoy configuration each package ships (a ConfigMap kustomize
+//! generates, or Istio's EnvoyFilter): byte for byte what `kube-audience-proxy
+//! envoy-config` prints for the package's own processor flags, accepted by
 //! the real Envoy, mounted by Envoy only, admin socket in Envoy's own volume.
 
 use std::path::Path;
@@ -11,26 +12,62 @@ use crate::support;
 /// The modes that run their own Envoy.
 const ENVOY_MODES: [&str; 2] = ["sidecar", "standalone"];
 
-fn shipped() -> String {
-    std::fs::read_to_string(root().join("envoy/envoy.yaml")).unwrap()
+/// What `kube-audience-proxy envoy-config ARGS` prints.
+fn generated(args: &[String]) -> String {
+    let output = Command::new(support::processor::binary())
+        .arg("envoy-config")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
 }
 
-/// The proxy listener line of the shipped config, and the standalone variant's.
-const LOOPBACK: &str = "      socket_address: { address: 127.0.0.1, port_value: 8080 }\n";
-const ANY: &str = "      socket_address: { address: 0.0.0.0, port_value: 8080 }\n";
+/// What the package's Envoy configuration must be: `envoy-config` with
+/// exactly the flags of the package's processor container (one source of
+/// truth for the destination rules and fast-path audiences), plus the
+/// proxy listener on 0.0.0.0 for standalone (the client is another pod)
+/// and `--format=istio` for Istio.
+fn expected(mode: &str, r: &Rendered) -> String {
+    let mut args = match mode {
+        "standalone" => vec!["--proxy-listen-address=0.0.0.0:8080".to_owned()],
+        "istio" => vec!["--format=istio".to_owned()],
+        _ => Vec::new(),
+    };
+    args.extend(r.processor_args());
+    generated(&args)
+}
 
-/// What the package's ConfigMap must hold: `envoy/envoy.yaml` verbatim, or
-/// (standalone, where the client is another pod) with the proxy listener on
-/// 0.0.0.0 instead of loopback; nothing else differs.
-fn expected(mode: &str) -> String {
-    let shipped = shipped();
-    match mode {
-        "sidecar" => shipped,
-        _ => {
-            assert_eq!(shipped.matches(LOOPBACK).count(), 1);
-            shipped.replacen(LOOPBACK, ANY, 1)
-        }
-    }
+/// The differing line, for a readable failure.
+fn assert_same(mode: &str, file: &str, got: &str, want: &str) {
+    let first_difference = got
+        .lines()
+        .zip(want.lines())
+        .position(|(a, b)| a != b)
+        .map(|i| (i + 1, got.lines().nth(i), want.lines().nth(i)));
+    assert!(
+        got == want,
+        "deploy/{mode}/{file} is not what envoy-config generates for the package's processor \
+         flags (first differing line: {first_difference:?}, lengths {} and {}): run scripts/sync-deploy",
+        got.len(),
+        want.len()
+    );
+}
+
+#[test]
+fn the_istio_envoy_filter_is_generated_from_the_processors_flags() {
+    let r = render("istio");
+    let shipped = std::fs::read_to_string(root().join("deploy/istio/envoyfilter.yaml")).unwrap();
+    assert_same(
+        "istio",
+        "envoyfilter.yaml",
+        &shipped,
+        &expected("istio", &r),
+    );
 }
 
 fn envoy_config(r: &Rendered) -> String {
@@ -42,15 +79,8 @@ fn envoy_config(r: &Rendered) -> String {
 fn the_configmaps_carry_the_shipped_envoy_config() {
     for mode in ENVOY_MODES {
         let r = render(mode);
-        let (got, want) = (envoy_config(&r), expected(mode));
-        let first_difference = got.lines().zip(want.lines()).position(|(a, b)| a != b);
-        assert!(
-            got == want,
-            "deploy/{mode}/envoy.yaml is out of date (first differing line: {first_difference:?}, \
-             lengths {} and {}): run scripts/sync-deploy",
-            got.len(),
-            want.len()
-        );
+        let (got, want) = (envoy_config(&r), expected(mode, &r));
+        assert_same(mode, "envoy.yaml", &got, &want);
         // The pod mounts that very ConfigMap (kustomize's hashed name).
         let volume = r
             .pod()
@@ -103,7 +133,8 @@ fn envoy_accepts_the_configmaps() {
 
 #[test]
 fn envoy_admin_socket_lives_in_a_volume_only_envoy_mounts() {
-    let config: serde_yaml::Value = serde_yaml::from_str(&shipped()).unwrap();
+    let shipped = std::fs::read_to_string(root().join("envoy/envoy.yaml")).unwrap();
+    let config: serde_yaml::Value = serde_yaml::from_str(&shipped).unwrap();
     let socket = config["admin"]["address"]["pipe"]["path"]
         .as_str()
         .expect("admin on a socket");
