@@ -255,3 +255,113 @@ async fn rotation_is_used_and_envoy_fails_closed_past_the_usable_end() {
         "the fast path used ext_proc"
     );
 }
+
+/// Inside intercepted TLS: the sidecar package's `https://HOST:PORT=AUDIENCE`
+/// rule. A request to that host, in a TLS connection opened for it, gets
+/// the token from Envoy (no ext_proc stream on the intercept listener); a
+/// request whose host is not the connection's SNI is left to the
+/// processor, which refuses it (421) as before, and the fast path injects
+/// nothing for it.
+#[tokio::test]
+async fn intercepted_tls_takes_the_fast_path_only_for_the_sni_it_was_opened_for() {
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let upstream = Upstream::start_tls(api.verifier(), &["localhost", "127.0.0.1"]).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let dir = tempfile::tempdir().unwrap();
+    let port = upstream.addr().port();
+    let rule = format!("--audience-rule=https://localhost:{port}=aud-tls");
+    let args = support::intercept_args(
+        &dir.path().join("ca.crt"),
+        &["localhost", "127.0.0.1"],
+        &[&rule],
+    );
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let processor = Processor::start(&kubeconfig.path, &arg_refs).await;
+    let mut flags: Vec<String> = support::COMMON_ARGS.iter().map(|a| a.to_string()).collect();
+    flags.extend(args.iter().cloned());
+    flags.push(format!("--grpc-listen-address={}", processor.grpc));
+    let mut config = envoy::generated_config(&flags);
+    envoy::point_at_processor(&mut config, &processor.grpc);
+    let upstream_ca = dir.path().join("upstream-ca.crt");
+    upstream.write_ca(&upstream_ca);
+    envoy::trust_upstream_ca(&mut config, &upstream_ca);
+    let envoy = Envoy::start(&config).await;
+    let ca = dir.path().join("ca.crt");
+    let get = |host: &str, extra: Vec<String>| {
+        let url = format!("https://{host}:{port}/metrics");
+        let mut args = vec!["--cacert".to_owned(), ca.to_str().unwrap().to_owned()];
+        args.extend(extra);
+        let proxy = envoy.proxy_url();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            support::curl::via_proxy(&proxy, &url, &args).await
+        }
+    };
+    let injected = "http.intercept.credential_injector.injected";
+    let streams = "http.intercept.ext_proc.streams_started";
+
+    for version in ["--http1.1", "--http2"] {
+        let reply = get("localhost", vec![version.to_owned()]).await;
+        assert_eq!(reply.status, 200, "{reply:?}\n{}", envoy.logs());
+        verified(
+            &upstream.received().pop().expect("the upstream got it"),
+            "aud-tls",
+        );
+    }
+    assert_eq!(envoy.stat(injected).await, Some(2));
+    assert_eq!(envoy.stat(streams).await.unwrap_or(0), 0);
+
+    // TLS opened for 127.0.0.1 (no SNI), the request names localhost: not
+    // the fast path; the processor answers 421.
+    let reply = get(
+        "127.0.0.1",
+        vec![
+            "--http1.1".into(),
+            "-H".into(),
+            format!("Host: localhost:{port}"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 421, "{reply:?}");
+    assert_eq!(envoy.stat(injected).await, Some(2));
+    assert_eq!(envoy.stat(streams).await, Some(1));
+    drop(api);
+}
+
+/// The local-destination refusal holds with the fast path configured: a
+/// rule naming a loopback destination, without --allow-local-destinations,
+/// is left out of Envoy's matchers, and the processor refuses the request
+/// (403) without a token, as it always did.
+#[tokio::test]
+async fn a_rule_for_a_local_destination_is_still_refused() {
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let upstream = Upstream::start(api.verifier()).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let rule = format!(
+        "--audience-rule=127.0.0.1:{}={AUDIENCE}",
+        upstream.addr().port()
+    );
+    let common = support::common_args_refusing_local();
+    let processor = Processor::start_with(&kubeconfig.path, &common, &[&rule]).await;
+    let mut flags: Vec<String> = common.iter().map(|a| a.to_string()).collect();
+    flags.push(rule);
+    flags.push(format!("--grpc-listen-address={}", processor.grpc));
+    let config = envoy::generated_config(&flags);
+    let filter = &config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["http_filters"][0];
+    assert!(
+        filter["typed_config"]["@type"]
+            .as_str()
+            .unwrap()
+            .ends_with("ExternalProcessor"),
+        "a local destination got a fast path: {filter:?}"
+    );
+    let mut config = config;
+    envoy::point_at_processor(&mut config, &processor.grpc);
+    let envoy = Envoy::start(&config).await;
+    let url = format!("{}/metrics", upstream.url());
+    let reply = support::curl::via_proxy(&envoy.proxy_url(), &url, &[]).await;
+    assert_eq!(reply.status, 403, "{reply:?}");
+    assert_eq!(upstream.count(), 0);
+    assert_eq!(envoy.stat(EXT_PROC_STREAMS).await, Some(1));
+}

@@ -57,3 +57,173 @@ fn the_message_timeout_follows_the_token_request_timeout() {
     assert_eq!(message_timeout(Duration::from_secs(4)), "5s");
     assert_eq!(message_timeout(Duration::from_millis(2500)), "3.500s");
 }
+
+fn entries_for(args: &[&str], listener: Listener) -> Vec<Entry> {
+    let cli =
+        EnvoyConfigCli::try_parse_from(std::iter::once("envoy-config").chain(args.iter().copied()))
+            .unwrap();
+    let settings = EnvoySettings::try_from(&cli.processor).unwrap();
+    fast_path::entries(&settings, listener)
+}
+
+fn audiences(entries: &[Entry]) -> Vec<&str> {
+    entries.iter().map(|e| e.audience.as_str()).collect()
+}
+
+#[test]
+fn a_local_destination_never_takes_the_fast_path_unless_allowed() {
+    for host in [
+        "127.0.0.1",
+        "localhost",
+        "169.254.169.254",
+        "metadata.google.internal",
+        "[::1]",
+    ] {
+        let rule = format!("--audience-rule={host}:80=aud");
+        assert!(entries_for(&[&rule], Listener::Plain).is_empty(), "{host}");
+        let allowed = entries_for(&[&rule, "--allow-local-destinations"], Listener::Plain);
+        // Two: the rule's destination, and the header naming its audience there.
+        assert_eq!(audiences(&allowed), ["aud", "aud"], "{host}");
+    }
+}
+
+#[test]
+fn only_exact_hosts_with_literal_audiences_take_the_fast_path() {
+    let entries = entries_for(
+        &[
+            "--audience-rule=*.svc=wild",
+            "--audience-rule=10.0.0.0/8=net",
+            "--audience-rule=t.example=https://{host}",
+            "--audience-rule=any.example=*",
+            "--audience-rule=a.example=lit",
+        ],
+        Listener::Plain,
+    );
+    assert_eq!(audiences(&entries), ["lit", "lit"]);
+}
+
+#[test]
+fn an_earlier_rule_that_may_supply_another_audience_shadows_a_fast_one() {
+    let entries = entries_for(
+        &[
+            "--audience-rule=*.example=first",
+            "--audience-rule=a.example=second",
+        ],
+        Listener::Plain,
+    );
+    assert!(entries.is_empty(), "{entries:?}");
+    // A `*` rule supplies nothing: it shadows nothing.
+    let entries = entries_for(
+        &[
+            "--audience-rule=a.example=*",
+            "--audience-rule=a.example=second",
+        ],
+        Listener::Plain,
+    );
+    assert_eq!(audiences(&entries), ["second", "second"]);
+    // Another port does not overlap.
+    let entries = entries_for(
+        &[
+            "--audience-rule=a.example:8443=first",
+            "--audience-rule=a.example:9100=second",
+        ],
+        Listener::Plain,
+    );
+    assert_eq!(audiences(&entries), ["first", "second", "first", "second"]);
+}
+
+#[test]
+fn an_https_rule_takes_the_fast_path_only_inside_intercepted_tls() {
+    let args = ["--audience-rule=https://a.example:9100=aud"];
+    assert!(entries_for(&args, Listener::Plain).is_empty());
+    let inside = entries_for(&args, Listener::Intercept);
+    assert_eq!(audiences(&inside), ["aud", "aud"]);
+    assert!(inside[0].predicates.iter().any(|p| matches!(
+        p,
+        fast_path::Predicate::Regex(fast_path::Input::ServerName, _)
+    )));
+}
+
+#[test]
+fn without_rules_a_prefetched_audience_header_takes_the_fast_path_for_dns_names_in_plain_http() {
+    let args = ["--prefetch-audience=aud"];
+    let plain = entries_for(&args, Listener::Plain);
+    assert_eq!(audiences(&plain), ["aud"]);
+    // Inside TLS the SNI check cannot be a matcher: the processor decides.
+    assert!(entries_for(&args, Listener::Intercept).is_empty());
+}
+
+/// The regexes, as Envoy's RE2 reads them (fully anchored); the `regex`
+/// crate shares the syntax used here.
+fn full_match(predicate: &fast_path::Predicate, text: &str) -> bool {
+    let (fast_path::Predicate::Regex(_, regex) | fast_path::Predicate::NotRegex(_, regex)) =
+        predicate
+    else {
+        panic!("not a regex: {predicate:?}");
+    };
+    regex::Regex::new(&format!("^(?:{regex})$"))
+        .unwrap()
+        .is_match(text)
+}
+
+#[test]
+fn the_regexes_match_what_they_say() {
+    let plain = entries_for(&["--prefetch-audience=aud"], Listener::Plain);
+    let [_, dns, not_local, no_query] = plain[0].predicates.as_slice() else {
+        panic!("{:?}", plain[0].predicates);
+    };
+    for name in [
+        "a.example",
+        "a.example:80",
+        "A.Example.",
+        "node-exporter.monitoring.svc:9100",
+    ] {
+        assert!(full_match(dns, name), "{name}");
+    }
+    for not_a_name in [
+        "127.0.0.1",
+        "127.1",
+        "0x7f.1",
+        "2130706433",
+        "localhost",
+        "[::1]",
+        "a.example:x",
+    ] {
+        assert!(!full_match(dns, not_a_name), "{not_a_name}");
+    }
+    for local in [
+        "localhost.localdomain",
+        "x.localhost:80",
+        "metadata.google.internal",
+        "METADATA.goog.",
+    ] {
+        assert!(full_match(not_local, local), "{local}");
+    }
+    assert!(!full_match(not_local, "a.example"));
+    for named in [
+        "/m?kubernetes-audience=x",
+        "/m?a=1&KUBERNETES-AUDIENCE=2",
+        "/m?%6b=1",
+    ] {
+        assert!(full_match(no_query, named), "{named}");
+    }
+    for plain_path in ["/metrics", "/m?x=1", "/kubernetes-audience/x"] {
+        assert!(!full_match(no_query, plain_path), "{plain_path}");
+    }
+
+    let rule = entries_for(&["--audience-rule=a.example:9100=aud"], Listener::Plain);
+    let authority = &rule[0].predicates[0];
+    for yes in ["a.example:9100", "A.EXAMPLE.:9100"] {
+        assert!(full_match(authority, yes), "{yes}");
+    }
+    for no in [
+        "a.example",
+        "a.example:91000",
+        "xa.example:9100",
+        "a.example.evil:9100",
+    ] {
+        assert!(!full_match(authority, no), "{no}");
+    }
+    let default_port = entries_for(&["--audience-rule=a.example:80=aud"], Listener::Plain);
+    assert!(full_match(&default_port[0].predicates[0], "a.example"));
+}
