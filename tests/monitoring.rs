@@ -20,6 +20,8 @@ use support::curl;
 use support::processor::Processor;
 
 const PREFIX: &str = "kube_audience_proxy_";
+/// Envoy's statistics in Prometheus format.
+const ENVOY_PREFIX: &str = "envoy_";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -210,14 +212,21 @@ struct Prometheus {
 
 impl Prometheus {
     async fn start(target: &str) -> Prometheus {
+        Prometheus::start_with_jobs(&format!(
+            "- job_name: kube-audience-proxy\n  static_configs:\n  - targets: ['{target}']\n"
+        ))
+        .await
+    }
+
+    /// Prometheus scraping every second with these `scrape_configs` entries.
+    async fn start_with_jobs(jobs: &str) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n- job_name: kube-audience-proxy\n  \
-                 static_configs:\n  - targets: ['{target}']\n"
+                 scrape_configs:\n{jobs}"
             ),
         )
         .unwrap();
@@ -321,7 +330,11 @@ async fn a_real_prometheus_answers_every_dashboard_and_alert_query() {
     }
     assert_eq!(api.token_requests(), 1);
 
-    let dashboard = dashboard_queries();
+    // Envoy's own statistics are queried in the fast-path test below.
+    let dashboard: Vec<String> = dashboard_queries()
+        .into_iter()
+        .filter(|e| !e.contains(ENVOY_PREFIX))
+        .collect();
     let alerts: Vec<String> = alert_exprs()
         .iter()
         .map(|e| selecting_part(e).to_owned())
@@ -375,6 +388,110 @@ async fn a_real_prometheus_answers_every_dashboard_and_alert_query() {
         left > 300.0,
         "a fresh token does not look near expiry: {left}"
     );
+}
+
+/// The dashboard's fast-path panel from Envoy's statistics: the real Envoy
+/// runs the bootstrap `envoy-config --envoy-stats-listen-address` generates
+/// for a processor with a destination rule; a real Prometheus scrapes
+/// `/stats/prometheus` on that listener (and the processor); requests take
+/// both paths; every dashboard query on Envoy's names returns series, and
+/// both paths show traffic. The listener serves nothing else.
+#[tokio::test]
+async fn a_real_prometheus_sees_which_path_served_requests_from_envoys_statistics() {
+    use support::envoy::{self, Envoy};
+    use support::upstream::Upstream;
+
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let upstream = Upstream::start(api.verifier()).await;
+    let rule = format!(
+        "--audience-rule=127.0.0.1:{}=dashboard",
+        upstream.addr().port()
+    );
+    let processor = Processor::start(&kubeconfig.path, &[&rule]).await;
+    let stats_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut flags: Vec<String> = support::COMMON_ARGS.iter().map(|a| a.to_string()).collect();
+    flags.push(rule);
+    flags.push(format!("--grpc-listen-address={}", processor.grpc));
+    flags.push(format!(
+        "--envoy-stats-listen-address=127.0.0.1:{stats_port}"
+    ));
+    let mut config = envoy::generated_config(&flags);
+    envoy::point_at_processor(&mut config, &processor.grpc);
+    let envoy = Envoy::start(&config).await;
+    let stats = format!("http://127.0.0.1:{stats_port}");
+    // Only GET /stats/prometheus: not the admin interface behind it.
+    for path in [
+        "/stats",
+        "/quitquitquit",
+        "/config_dump",
+        "/stats/prometheus/x",
+    ] {
+        assert_eq!(curl::get(&format!("{stats}{path}")).await.0, 404, "{path}");
+    }
+    let post = curl::run(&["-X", "POST", &format!("{stats}/stats/prometheus")]).await;
+    assert_eq!(post.status, 404);
+
+    // Traffic on both paths: the rule's destination (fast path) and a
+    // named audience (ext_proc), a few times each.
+    for i in 0..5 {
+        let fast = format!("{}/fast-{i}", upstream.url());
+        assert_eq!(
+            curl::via_proxy(&envoy.proxy_url(), &fast, &[]).await.status,
+            200
+        );
+        let named = format!("{}/named-{i}?kubernetes-audience=dashboard", upstream.url());
+        assert_eq!(
+            curl::via_proxy(&envoy.proxy_url(), &named, &[])
+                .await
+                .status,
+            200
+        );
+    }
+
+    let prometheus = Prometheus::start_with_jobs(&format!(
+        "- job_name: envoy\n  metrics_path: /stats/prometheus\n  static_configs:\n  - targets: ['127.0.0.1:{stats_port}']\n\
+         - job_name: kube-audience-proxy\n  static_configs:\n  - targets: ['{}']\n",
+        processor.admin
+    ))
+    .await;
+    prometheus
+        .wait("both targets are up", || async {
+            let up = prometheus.query("up == 1").await;
+            up.len() == 2
+        })
+        .await;
+    let envoy_queries: Vec<String> = dashboard_queries()
+        .into_iter()
+        .filter(|e| e.contains(ENVOY_PREFIX))
+        .collect();
+    assert_eq!(envoy_queries.len(), 3, "{envoy_queries:?}");
+    for expr in &envoy_queries {
+        prometheus
+            .wait(&format!("series for {expr}"), || async {
+                !prometheus.query(expr).await.is_empty()
+            })
+            .await;
+    }
+    // The counters behind the panel: 5 requests on each path.
+    let value =
+        |result: Vec<Value>| -> f64 { result[0]["value"][1].as_str().unwrap().parse().unwrap() };
+    let injected = value(
+        prometheus
+            .query("sum(envoy_http_credential_injector_injected)")
+            .await,
+    );
+    let streams = value(
+        prometheus
+            .query("sum(envoy_http_ext_proc_streams_started)")
+            .await,
+    );
+    assert_eq!((injected, streams), (5.0, 5.0));
+    drop(envoy);
 }
 
 #[test]

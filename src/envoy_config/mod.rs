@@ -67,6 +67,14 @@ pub struct EnvoyConfigCli {
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:8080")]
     pub proxy_listen_address: SocketAddr,
 
+    /// Also serve Envoy's statistics in Prometheus format on this address
+    /// (bootstrap and configmap), at `/stats/prometheus` only: a listener
+    /// that forwards that one path to the admin socket, so Prometheus sees
+    /// which path served each request (credential_injector vs ext_proc)
+    /// while the admin interface itself stays unreachable. Default: none.
+    #[arg(long, value_name = "IP:PORT")]
+    pub envoy_stats_listen_address: Option<SocketAddr>,
+
     /// The processor's flags.
     #[command(flatten)]
     pub processor: Cli,
@@ -88,7 +96,13 @@ pub enum Format {
 pub fn generate(cli: &EnvoyConfigCli, args: &[OsString]) -> Result<String, ConfigErrors> {
     let settings = EnvoySettings::try_from(&cli.processor)?;
     let header = header(args);
-    let bootstrap = || bootstrap(&settings, cli.proxy_listen_address);
+    let bootstrap = || {
+        bootstrap(
+            &settings,
+            cli.proxy_listen_address,
+            cli.envoy_stats_listen_address,
+        )
+    };
     Ok(match cli.format {
         Format::Bootstrap => header + &bootstrap(),
         Format::Istio => header + &istio(&settings),
@@ -122,7 +136,7 @@ fn shell_word(word: &str) -> String {
     }
 }
 
-fn bootstrap(settings: &EnvoySettings, proxy: SocketAddr) -> String {
+fn bootstrap(settings: &EnvoySettings, proxy: SocketAddr, stats: Option<SocketAddr>) -> String {
     let plain = fast_path::entries(settings, Listener::Plain);
     let intercept = fast_path::entries(settings, Listener::Intercept);
     let mut forward_filter = Lines::default();
@@ -144,6 +158,14 @@ fn bootstrap(settings: &EnvoySettings, proxy: SocketAddr) -> String {
     BOOTSTRAP
         .replace("{{FAST_PATH_SUMMARY}}\n", &summary)
         .replace("{{FORWARD_PROXY_FILTER}}\n", &forward_filter.into_string())
+        .replace(
+            "{{STATS_LISTENER}}\n",
+            &stats.map(stats_listener).unwrap_or_default(),
+        )
+        .replace(
+            "{{STATS_CLUSTER}}",
+            if stats.is_some() { STATS_CLUSTER } else { "" },
+        )
         .replace("{{INTERCEPT_FILTER}}\n", &intercept_filter.into_string())
         .replace("{{PROXY_SOCKET}}", &socket_address(proxy))
         .replace("{{PROXY}}", &proxy.to_string())
@@ -199,6 +221,61 @@ fn summary(entries: &[Entry], listener: &str) -> String {
     out.push_str(".\n");
     out
 }
+
+/// The listener that serves `/stats/prometheus` and nothing else.
+fn stats_listener(address: SocketAddr) -> String {
+    format!(
+        r#"
+  # Envoy's statistics for Prometheus (--envoy-stats-listen-address): only
+  # GET /stats/prometheus, forwarded to the admin socket; anything else 404.
+  # No statistic holds a credential (secret names name audiences and hosts).
+  - name: envoy_stats
+    address:
+      socket_address: {socket}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: envoy_stats
+          route_config:
+            name: envoy_stats
+            virtual_hosts:
+            - name: envoy_stats
+              domains: ["*"]
+              routes:
+              - match:
+                  path: /stats/prometheus
+                  headers:
+                  - name: ":method"
+                    string_match: {{ exact: GET }}
+                route: {{ cluster: envoy_admin, timeout: 10s }}
+              - match: {{ prefix: "/" }}
+                direct_response: {{ status: 404 }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#,
+        socket = socket_address(address)
+    )
+}
+
+/// The cluster behind the statistics listener: the admin socket.
+const STATS_CLUSTER: &str = concat!(
+    "\n",
+    "  # Envoy's own admin interface, for the statistics listener only.\n",
+    "  - name: envoy_admin\n",
+    "    type: STATIC\n",
+    "    connect_timeout: 1s\n",
+    "    load_assignment:\n",
+    "      cluster_name: envoy_admin\n",
+    "      endpoints:\n",
+    "      - lb_endpoints:\n",
+    "        - endpoint:\n",
+    "            address:\n",
+    "              pipe: { path: /tmp/kube-audience-proxy-envoy-admin.sock }\n",
+);
 
 /// `{ address: IP, port_value: PORT }`.
 fn socket_address(address: SocketAddr) -> String {

@@ -29,11 +29,13 @@ fn generated(args: &[String]) -> String {
 
 /// What the package's Envoy configuration must be: `envoy-config` with
 /// exactly the flags of the package's processor container (one source of
-/// truth for the destination rules and fast-path audiences), plus the
-/// proxy listener on 0.0.0.0 for standalone (the client is another pod)
+/// truth for the destination rules and fast-path audiences), plus Envoy's
+/// statistics on loopback for the sidecar (its Prometheus scrapes them),
+/// the proxy listener on 0.0.0.0 for standalone (the client is another pod)
 /// and `--format=istio` for Istio.
 fn expected(mode: &str, r: &Rendered) -> String {
     let mut args = match mode {
+        "sidecar" => vec!["--envoy-stats-listen-address=127.0.0.1:9902".to_owned()],
         "standalone" => vec!["--proxy-listen-address=0.0.0.0:8080".to_owned()],
         "istio" => vec!["--format=istio".to_owned()],
         _ => Vec::new(),

@@ -72,12 +72,18 @@ pub fn routes_mut(config: &mut Value) -> &mut Vec<Value> {
 
 /// Points Envoy's admin interface at the Unix socket `path` (the shipped
 /// config has it on a fixed path in /tmp; each test Envoy gets its own).
+/// The statistics listener's `envoy_admin` cluster (`envoy-config
+/// --envoy-stats-listen-address`), if any, follows it.
 pub fn admin_socket(config: &mut Value, path: &Path) {
-    config["admin"]["address"] = serde_yaml::from_str(&format!(
-        "pipe: {{ path: {:?}, mode: 384 }}",
-        path.to_str().expect("a UTF-8 path")
-    ))
-    .unwrap();
+    let path = path.to_str().expect("a UTF-8 path");
+    config["admin"]["address"] =
+        serde_yaml::from_str(&format!("pipe: {{ path: {path:?}, mode: 384 }}")).unwrap();
+    if let Some(clusters) = config["static_resources"]["clusters"].as_sequence_mut()
+        && let Some(admin) = clusters.iter_mut().find(|c| c["name"] == "envoy_admin")
+    {
+        admin["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]
+            ["path"] = path.into();
+    }
 }
 
 /// A running Envoy; killed on drop.
