@@ -152,7 +152,7 @@ impl App {
         // cache's per-audience gauges, and the certificate metrics.
         let metrics = Arc::new(Metrics::default());
         let mut registry = Registry::new(&metrics);
-        let processor = processor_counting(&config, source, refused, metrics);
+        let processor = processor_counting(&config, source, refused.clone(), metrics);
         registry.register_collector(Box::new(processor.token_gauges()));
         if let Some(certs) = &certs {
             certs
@@ -163,7 +163,7 @@ impl App {
         // SDS: leaves with interception, token secrets with fast-path
         // audiences (see `sds::tokens`).
         let pinned = processor.token_cache().pinned();
-        let tokens = (pinned.len() > 0).then(|| TokenSecrets::new(pinned));
+        let tokens = (pinned.len() > 0).then(|| TokenSecrets::new(pinned, refused));
         if let Some(tokens) = &tokens {
             tokens.metrics().register(&mut registry, certs.is_none());
             tracing::info!(names = %tokens.names().join(" "), "token secrets served over SDS");

@@ -46,6 +46,7 @@ use prost::{Message, Name};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::apiserver::ApiServerAudiences;
 use crate::metrics::Registry;
 use crate::secret::Token;
 use crate::tokens::cache::prefetch::Pinned;
@@ -68,6 +69,11 @@ pub(crate) fn audience_of(name: &str) -> Option<&str> {
 #[derive(Clone)]
 pub(crate) struct TokenSecrets {
     pinned: Pinned,
+    /// The API server's own audiences (`None` with
+    /// `--allow-apiserver-audience`): never served, even when configured,
+    /// because discovery may learn the issuer after the configuration was
+    /// checked.
+    refused: Option<ApiServerAudiences>,
     metrics: std::sync::Arc<TokenMetrics>,
 }
 
@@ -137,10 +143,12 @@ impl Ready {
 }
 
 impl TokenSecrets {
-    /// Token secrets for the audiences `pinned` holds.
-    pub(crate) fn new(pinned: Pinned) -> TokenSecrets {
+    /// Token secrets for the audiences `pinned` holds, except those
+    /// `refused` holds (now or once discovery learns them).
+    pub(crate) fn new(pinned: Pinned, refused: Option<ApiServerAudiences>) -> TokenSecrets {
         TokenSecrets {
             pinned,
+            refused,
             metrics: std::sync::Arc::default(),
         }
     }
@@ -162,8 +170,17 @@ impl TokenSecrets {
     }
 
     /// The usable token behind the admitted `name` at `now`, if any.
+    /// An API server audience has none: a sent one is withdrawn.
     pub(crate) fn ready(&self, name: &str, now: Instant) -> Option<Ready> {
-        let (token, serial, usable_until) = self.pinned.token(audience_of(name)?, now)?;
+        let audience = audience_of(name)?;
+        if self
+            .refused
+            .as_ref()
+            .is_some_and(|refused| refused.refuses(audience))
+        {
+            return None;
+        }
+        let (token, serial, usable_until) = self.pinned.token(audience, now)?;
         Some(Ready {
             serial,
             usable_until,

@@ -64,7 +64,7 @@ fn names_carry_the_audience_exactly_and_never_parse_as_a_host() {
 async fn delta_refuses_pushes_withdraws_and_adds_again() {
     let (a, b) = (secret_name(A), secret_name(B));
     let pinned = Pinned::for_tests(&[audience(A)]);
-    let secrets = TokenSecrets::new(pinned.clone());
+    let secrets = TokenSecrets::new(pinned.clone(), None);
     let mut watch = secrets.watch();
     let mut stream = DeltaStream::new(None, Some(&secrets));
 
@@ -144,7 +144,7 @@ async fn delta_serves_leaves_and_tokens_on_one_stream() {
     let certs = test_store(2);
     let pinned = Pinned::for_tests(&[audience(A)]);
     pinned.store_for_tests(&audience(A), token("one"), Duration::from_secs(100));
-    let secrets = TokenSecrets::new(pinned);
+    let secrets = TokenSecrets::new(pinned, None);
     let mut stream = DeltaStream::new(Some(&certs), Some(&secrets));
     let a = secret_name(A);
     let answer = stream
@@ -163,7 +163,7 @@ async fn delta_serves_leaves_and_tokens_on_one_stream() {
 async fn sotw_sends_the_set_again_on_refresh_and_at_the_usable_end() {
     let (a, b) = (secret_name(A), secret_name(B));
     let pinned = Pinned::for_tests(&[audience(A)]);
-    let secrets = TokenSecrets::new(pinned.clone());
+    let secrets = TokenSecrets::new(pinned.clone(), None);
     let mut stream = SotwStream::new(None, Some(&secrets));
     assert!(stream.set_names(vec![a.clone(), b.clone(), "example.com".into()]));
     assert!(stream.response().await.resources.is_empty(), "no token yet");
@@ -208,4 +208,30 @@ async fn sotw_sends_the_set_again_on_refresh_and_at_the_usable_end() {
     pinned.store_for_tests(&audience(A), token("three"), Duration::from_secs(100));
     assert!(stream.tokens_changed());
     assert_eq!(stream.response().await.resources.len(), 1);
+}
+
+/// An audience the API server answers to (here: the issuer, learned by
+/// discovery after startup) is never served, and a token sent before is
+/// withdrawn.
+#[tokio::test(start_paused = true)]
+async fn an_api_server_audience_is_never_served_even_when_configured() {
+    // A managed cluster's issuer: no well-known name, learned at runtime.
+    const ISSUER: &str = "https://oidc.example/id/cluster";
+    let a = secret_name(ISSUER);
+    let pinned = Pinned::for_tests(&[audience(ISSUER)]);
+    let refused = crate::apiserver::ApiServerAudiences::new(std::iter::empty());
+    let secrets = TokenSecrets::new(pinned.clone(), Some(refused.clone()));
+    let mut stream = DeltaStream::new(None, Some(&secrets));
+    stream.on_request(subscribe(&[&a])).await.unwrap();
+    pinned.store_for_tests(&audience(ISSUER), token("one"), Duration::from_secs(100));
+    let sent = stream.rotate().await.unwrap();
+    assert_eq!(sent.resources.len(), 1);
+
+    // Discovery learns that A is the issuer: the next sync withdraws it.
+    refused.learn(ISSUER);
+    pinned.store_for_tests(&audience(ISSUER), token("two"), Duration::from_secs(100));
+    let withdrawn = stream.rotate().await.unwrap();
+    let (_, value) = value_of(withdrawn.resources[0].resource.as_ref().unwrap());
+    assert_eq!(value, "", "an API server audience's token was served");
+    assert!(secrets.ready(&a, Instant::now()).is_none());
 }
