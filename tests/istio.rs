@@ -56,22 +56,6 @@ fn the_envoy_filter_matches_istios_schema() {
     assert!(!validator.is_valid(&broken));
 }
 
-/// The EnvoyFilter `envoy-config --format=istio` generates for `args`.
-fn generated_filter(args: &[String]) -> Value {
-    let output = std::process::Command::new(support::processor::binary())
-        .arg("envoy-config")
-        .arg("--format=istio")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_yaml::from_slice(&output.stdout).unwrap()
-}
-
 /// The shipped bootstrap with `filter`'s patches applied as Istio applies
 /// them to the sidecar's outbound chain: the HTTP filter before the
 /// router (in place of our own ext_proc filter), the processor cluster,
@@ -103,15 +87,48 @@ fn patched_bootstrap(filter: &Value, processor: &str, route: Option<Value>) -> V
     config
 }
 
-/// The processor's flags in a test: a fast rule for `fast`, `*` for `dynamic`.
-fn rules(fast: &Upstream, dynamic: &Upstream) -> Vec<String> {
-    vec![
-        format!(
-            "--audience-rule=127.0.0.1:{}=node-exporter",
-            fast.addr().port()
-        ),
-        format!("--audience-rule=127.0.0.1:{}=*", dynamic.addr().port()),
-    ]
+/// Two upstreams, a processor whose rules give `fast` the audience
+/// `node-exporter` (the fast path) and admit any audience for `dynamic`,
+/// and the EnvoyFilter `envoy-config --format=istio` generates for the
+/// processor's very flags.
+struct Patched {
+    _api: FakeApiServer,
+    fast: Upstream,
+    dynamic: Upstream,
+    _kubeconfig: support::Kubeconfig,
+    processor: Processor,
+    filter: Value,
+}
+
+impl Patched {
+    async fn start() -> Patched {
+        let api = FakeApiServer::start(ApiServerOptions::default()).await;
+        let fast = Upstream::start(api.verifier()).await;
+        let dynamic = Upstream::start(api.verifier()).await;
+        let kubeconfig = support::Kubeconfig::of(&api);
+        let rules = [
+            format!(
+                "--audience-rule=127.0.0.1:{}=node-exporter",
+                fast.addr().port()
+            ),
+            format!("--audience-rule=127.0.0.1:{}=*", dynamic.addr().port()),
+        ];
+        let rule_args: Vec<&str> = rules.iter().map(String::as_str).collect();
+        let processor = Processor::start(&kubeconfig.path, &rule_args).await;
+        let mut args = vec!["--format=istio".to_owned()];
+        args.extend(support::COMMON_ARGS.iter().map(|a| a.to_string()));
+        args.extend(rules);
+        args.push(format!("--grpc-listen-address={}", processor.grpc));
+        let filter = envoy::generated_config(&args);
+        Patched {
+            _api: api,
+            fast,
+            dynamic,
+            _kubeconfig: kubeconfig,
+            processor,
+            filter,
+        }
+    }
 }
 
 /// The patches `envoy-config --format=istio` generates, in the real Envoy:
@@ -120,17 +137,14 @@ fn rules(fast: &Upstream, dynamic: &Upstream) -> Vec<String> {
 /// never reaches the upstream on either path.
 #[tokio::test]
 async fn the_generated_patches_work_in_envoy() {
-    let api = FakeApiServer::start(ApiServerOptions::default()).await;
-    let fast = Upstream::start(api.verifier()).await;
-    let dynamic = Upstream::start(api.verifier()).await;
-    let kubeconfig = support::Kubeconfig::of(&api);
-    let rules = rules(&fast, &dynamic);
-    let rule_args: Vec<&str> = rules.iter().map(String::as_str).collect();
-    let processor = Processor::start(&kubeconfig.path, &rule_args).await;
-    let mut args: Vec<String> = support::COMMON_ARGS.iter().map(|a| a.to_string()).collect();
-    args.extend(rules.iter().cloned());
-    args.push(format!("--grpc-listen-address={}", processor.grpc));
-    let filter = generated_filter(&args);
+    // Kept whole: the API server and kubeconfig must outlive the test.
+    let patched = Patched::start().await;
+    let (fast, dynamic, processor, filter) = (
+        &patched.fast,
+        &patched.dynamic,
+        &patched.processor,
+        &patched.filter,
+    );
     let envoy = Envoy::start(&patched_bootstrap(&filter, &processor.grpc, None)).await;
     let streams = "http.forward_proxy.ext_proc.streams_started";
 
@@ -173,17 +187,8 @@ async fn the_generated_patches_work_in_envoy() {
 /// the route's audience; other routes get none.
 #[tokio::test]
 async fn a_per_route_audience_reaches_ext_proc_behind_the_fast_path() {
-    let api = FakeApiServer::start(ApiServerOptions::default()).await;
-    let fast = Upstream::start(api.verifier()).await;
-    let dynamic = Upstream::start(api.verifier()).await;
-    let kubeconfig = support::Kubeconfig::of(&api);
-    let rules = rules(&fast, &dynamic);
-    let rule_args: Vec<&str> = rules.iter().map(String::as_str).collect();
-    let processor = Processor::start(&kubeconfig.path, &rule_args).await;
-    let mut args: Vec<String> = support::COMMON_ARGS.iter().map(|a| a.to_string()).collect();
-    args.extend(rules.iter().cloned());
-    args.push(format!("--grpc-listen-address={}", processor.grpc));
-    let filter = generated_filter(&args);
+    let patched = Patched::start().await;
+    let (dynamic, processor, filter) = (&patched.dynamic, &patched.processor, &patched.filter);
     let composite = &patch(&filter, "HTTP_FILTER")["patch"]["value"];
     assert_eq!(composite["name"], "envoy.filters.http.ext_proc");
     assert!(

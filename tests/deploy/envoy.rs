@@ -12,21 +12,6 @@ use crate::support;
 /// The modes that run their own Envoy.
 const ENVOY_MODES: [&str; 2] = ["sidecar", "standalone"];
 
-/// What `kube-audience-proxy envoy-config ARGS` prints.
-fn generated(args: &[String]) -> String {
-    let output = Command::new(support::processor::binary())
-        .arg("envoy-config")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
 /// What the package's Envoy configuration must be: `envoy-config` with
 /// exactly the flags of the package's processor container (one source of
 /// truth for the destination rules and fast-path audiences), plus Envoy's
@@ -41,7 +26,7 @@ fn expected(mode: &str, r: &Rendered) -> String {
         _ => Vec::new(),
     };
     args.extend(r.processor_args());
-    generated(&args)
+    support::envoy::generated(&args)
 }
 
 /// The differing line, for a readable failure.

@@ -205,19 +205,23 @@ pub fn trust_upstream_ca(config: &mut Value, ca_file: &Path) {
         ["filename"] = ca_file.to_str().unwrap().into();
 }
 
-/// What `kube-audience-proxy envoy-config ARGS` prints, parsed: the
-/// generated bootstrap the tests of the fast path run.
-pub fn generated_config(args: &[String]) -> Value {
+/// What `kube-audience-proxy envoy-config ARGS` prints (it must succeed).
+pub fn generated(args: &[String]) -> String {
     let output = std::process::Command::new(crate::support::processor::binary())
         .arg("envoy-config")
         .args(args)
         .output()
         .expect("run kube-audience-proxy envoy-config");
-    let stdout = String::from_utf8(output.stdout).expect("UTF-8 YAML");
     assert!(
         output.status.success(),
         "envoy-config {args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_yaml::from_str(&stdout).expect("envoy-config prints valid YAML")
+    String::from_utf8(output.stdout).expect("UTF-8 YAML")
+}
+
+/// [`generated`], parsed: the generated bootstrap (or EnvoyFilter) the
+/// tests of the fast path run.
+pub fn generated_config(args: &[String]) -> Value {
+    serde_yaml::from_str(&generated(args)).expect("envoy-config prints valid YAML")
 }
