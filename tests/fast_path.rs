@@ -213,6 +213,8 @@ async fn rotation_is_used_and_envoy_fails_closed_past_the_usable_end() {
     s.api.inject(Fault::Status(503), usize::MAX);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut refused = 0;
+    let mut failing: Vec<u16> = Vec::new();
+    let mut reached = 0;
     while refused < 3 {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -225,13 +227,17 @@ async fn rotation_is_used_and_envoy_fails_closed_past_the_usable_end() {
                 verified(&seen.expect("the upstream got it"), AUDIENCE);
             }
             401 => {
-                assert!(seen.is_none(), "a refused request reached the upstream");
+                reached += usize::from(seen.is_some());
                 refused += 1;
             }
             other => panic!("status {other}\n{}", s.envoy.logs()),
         }
+        if failing.last() != Some(&status) {
+            failing.push(status);
+        }
         tokio::time::sleep(POLL).await;
     }
+    let failing: Vec<String> = failing.iter().map(u16::to_string).collect();
 
     // Recovery: injected again.
     s.api.clear_faults();
@@ -249,10 +255,22 @@ async fn rotation_is_used_and_envoy_fails_closed_past_the_usable_end() {
         assert_eq!(status, 401);
         tokio::time::sleep(POLL).await;
     }
-    assert_eq!(
-        s.ext_proc_streams().await,
-        streams_before,
-        "the fast path used ext_proc"
+    let streams = s.ext_proc_streams().await - streams_before;
+    let reached = match reached {
+        0 => "none reached the upstream".to_owned(),
+        n => format!("{n} reached the upstream"),
+    };
+    let streams = match streams {
+        0 => "no ext_proc stream".to_owned(),
+        n => format!("{n} ext_proc streams"),
+    };
+    support::reliability::check(
+        "fast-apiserver-past-usable-end",
+        &format!(
+            "rotation: 200 with a new jti, no failure; API server failing: {}, {reached}; \
+             recovery: 200 with a token; {streams}",
+            failing.join(" then ")
+        ),
     );
 }
 
@@ -364,4 +382,88 @@ async fn a_rule_for_a_local_destination_is_still_refused() {
     assert_eq!(reply.status, 403, "{reply:?}");
     assert_eq!(upstream.count(), 0);
     assert_eq!(envoy.stat(EXT_PROC_STREAMS).await, Some(1));
+}
+
+/// RELIABILITY.md `fast-processor-sigkill`: with the processor killed,
+/// Envoy keeps injecting the token it holds (still valid: it was sent
+/// long before its usable end), while requests that need the processor get
+/// Envoy's 500; the processor restarted on the same address mints again and
+/// Envoy's SDS stream takes the new token by itself.
+#[tokio::test]
+async fn the_fast_path_outlives_a_killed_processor_with_the_token_it_holds() {
+    let api = FakeApiServer::start(ApiServerOptions::default()).await;
+    let fast = Upstream::start(api.verifier()).await;
+    let dynamic = Upstream::start(api.verifier()).await;
+    let kubeconfig = support::Kubeconfig::of(&api);
+    let grpc = support::processor::free_loopback_address();
+    let flags = [
+        format!(
+            "--audience-rule=127.0.0.1:{}={AUDIENCE}",
+            fast.addr().port()
+        ),
+        format!("--audience-rule=127.0.0.1:{}=*", dynamic.addr().port()),
+        format!("--grpc-listen-address={grpc}"),
+    ];
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let processor = Processor::start(&kubeconfig.path, &flag_refs).await;
+    let mut args: Vec<String> = support::COMMON_ARGS.iter().map(|a| a.to_string()).collect();
+    args.extend(flags.iter().cloned());
+    let mut config = envoy::generated_config(&args);
+    envoy::point_at_processor(&mut config, &grpc);
+    let envoy = Envoy::start(&config).await;
+    let proxy = envoy.proxy_url();
+    let get_fast = || async {
+        let reply = support::curl::via_proxy(&proxy, &format!("{}/m", fast.url()), &[]).await;
+        let jti = (reply.status == 200).then(|| {
+            verified(
+                &fast.received().pop().expect("the upstream got it"),
+                AUDIENCE,
+            )
+        });
+        (reply.status, jti)
+    };
+    let get_dynamic = || async {
+        let url = format!("{}/d?kubernetes-audience=aud-b", dynamic.url());
+        support::curl::via_proxy(&proxy, &url, &[]).await.status
+    };
+    let (status, held) = get_fast().await;
+    assert_eq!(status, 200);
+    let held = held.unwrap();
+    assert_eq!(get_dynamic().await, 200);
+
+    processor.kill().await;
+    let mut down = Vec::new();
+    for _ in 0..5 {
+        let (status, jti) = get_fast().await;
+        down.push((status, jti == Some(held.clone())));
+    }
+    let fast_down = if down.iter().all(|d| *d == (200, true)) {
+        "200 with the held token"
+    } else {
+        panic!("while the processor was down: {down:?}")
+    };
+    let dynamic_down = get_dynamic().await;
+
+    let _restarted = Processor::start(&kubeconfig.path, &flag_refs).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let fast_after = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new token never reached Envoy"
+        );
+        let (status, jti) = get_fast().await;
+        assert_eq!(status, 200, "a fast-path request failed across the restart");
+        if jti.as_ref() != Some(&held) {
+            break "200 with the new token";
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let dynamic_after = get_dynamic().await;
+    support::reliability::check(
+        "fast-processor-sigkill",
+        &format!(
+            "down: fast path {fast_down}, ext_proc path {dynamic_down}; \
+             restarted: fast path {fast_after}, ext_proc path {dynamic_after}"
+        ),
+    );
 }

@@ -145,7 +145,7 @@ async fn the_generated_patches_work_in_envoy() {
         &patched.processor,
         &patched.filter,
     );
-    let envoy = Envoy::start(&patched_bootstrap(&filter, &processor.grpc, None)).await;
+    let envoy = Envoy::start(&patched_bootstrap(filter, &processor.grpc, None)).await;
     let streams = "http.forward_proxy.ext_proc.streams_started";
 
     let url = format!("{}/metrics", fast.url());
@@ -189,7 +189,7 @@ async fn the_generated_patches_work_in_envoy() {
 async fn a_per_route_audience_reaches_ext_proc_behind_the_fast_path() {
     let patched = Patched::start().await;
     let (dynamic, processor, filter) = (&patched.dynamic, &patched.processor, &patched.filter);
-    let composite = &patch(&filter, "HTTP_FILTER")["patch"]["value"];
+    let composite = &patch(filter, "HTTP_FILTER")["patch"]["value"];
     assert_eq!(composite["name"], "envoy.filters.http.ext_proc");
     assert!(
         composite["typed_config"]["@type"]
@@ -211,7 +211,7 @@ typed_per_filter_config:
 "#,
     )
     .unwrap();
-    let envoy = Envoy::start(&patched_bootstrap(&filter, &processor.grpc, Some(route))).await;
+    let envoy = Envoy::start(&patched_bootstrap(filter, &processor.grpc, Some(route))).await;
 
     let url = format!("{}/per-route/metrics", dynamic.url());
     let reply = support::curl::via_proxy(&envoy.proxy_url(), &url, &[]).await;
