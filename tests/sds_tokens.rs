@@ -256,8 +256,17 @@ async fn delta_serves_pushes_withdraws_before_expiry_and_adds_again() {
     let (status, metrics) =
         support::curl::get(&format!("http://{}/metrics", s.processor.admin)).await;
     assert_eq!(status, 200);
+    // Sent: both first tokens, at least one refresh pushed, both again
+    // after recovery (the family alone would be there at 0).
+    let sent: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kube_audience_proxy_sds_token_secrets_sent_total "))
+        .expect("the sent counter")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(sent >= 5, "{sent} token secrets counted as sent");
     for family in [
-        "sds_token_secrets_sent_total",
         "sds_token_secrets_withdrawn_total 2",
         "sds_token_secrets_refused_total 1",
         "sds_streams 1",

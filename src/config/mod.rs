@@ -182,17 +182,7 @@ impl TryFrom<&Cli> for EnvoySettings {
             &mut errors,
         ));
         let fast_path = prefetch::prefetch_audiences(cli, audience.as_ref(), &mut errors);
-        let request_timeout = non_zero(
-            &mut errors,
-            "--token-request-timeout",
-            cli.token_request_timeout,
-        )
-        .and_then(|timeout| {
-            errors.check(timeout <= MAX_TOKEN_REQUEST_TIMEOUT, || {
-                ConfigError::TokenRequestTimeout(timeout)
-            })?;
-            Some(timeout)
-        });
+        let request_timeout = token_request_timeout(cli, &mut errors);
         let settings = (|| {
             apiserver_ok?;
             Some(EnvoySettings {
@@ -274,13 +264,7 @@ fn token_settings(cli: &Cli, errors: &mut Collector) -> Option<TokenSettings> {
     let expiration = errors.check(cli.token_expiration >= MIN_TOKEN_EXPIRATION, || {
         ConfigError::TokenExpiration(cli.token_expiration)
     });
-    let request_timeout = non_zero(errors, "--token-request-timeout", cli.token_request_timeout)
-        .and_then(|timeout| {
-            errors.check(timeout <= MAX_TOKEN_REQUEST_TIMEOUT, || {
-                ConfigError::TokenRequestTimeout(timeout)
-            })?;
-            Some(timeout)
-        });
+    let request_timeout = token_request_timeout(cli, errors);
     let bound_pod = errors.take(bound_pod(cli));
     Some(TokenSettings {
         service_account: service_account?,
@@ -290,6 +274,15 @@ fn token_settings(cli: &Cli, errors: &mut Collector) -> Option<TokenSettings> {
         request_timeout: request_timeout?,
         on_token_error: cli.on_token_error,
     })
+}
+
+/// `--token-request-timeout`: not zero, at most [`MAX_TOKEN_REQUEST_TIMEOUT`].
+fn token_request_timeout(cli: &Cli, errors: &mut Collector) -> Option<Duration> {
+    let timeout = non_zero(errors, "--token-request-timeout", cli.token_request_timeout)?;
+    errors.check(timeout <= MAX_TOKEN_REQUEST_TIMEOUT, || {
+        ConfigError::TokenRequestTimeout(timeout)
+    })?;
+    Some(timeout)
 }
 
 fn service_account(cli: &Cli) -> Result<String, ConfigError> {

@@ -70,8 +70,13 @@ pub(crate) enum Listener {
 pub(crate) fn entries(settings: &EnvoySettings, listener: Listener) -> Vec<Entry> {
     let tls = listener == Listener::Intercept;
     let rules = &settings.audience.destinations;
-    let fast = rules.fast_rules(tls, settings.allow_local);
-    let header = settings.audience.header.clone();
+    // Each fast rule with the predicates that select its destination.
+    let fast: Vec<(FastRule<'_>, Vec<Predicate>)> = rules
+        .fast_rules(tls, settings.allow_local)
+        .into_iter()
+        .filter_map(|rule| Some((rule, destination_predicates(&rule, tls)?)))
+        .collect();
+    let header = &settings.audience.header;
     let no_audience_query = Predicate::NotRegex(
         Input::Header(":path".into()),
         format!(
@@ -80,51 +85,58 @@ pub(crate) fn entries(settings: &EnvoySettings, listener: Listener) -> Vec<Entry
         ),
     );
     let no_audience_header = Predicate::NotRegex(Input::Header(header.clone()), "(?s).*".into());
-    let mut entries = Vec::new();
-    for rule in &fast {
-        let Some(sni) = sni_predicate(rule, tls) else {
-            continue;
-        };
-        let mut predicates = vec![authority_predicate(rule, tls)];
-        predicates.extend(sni);
-        predicates.push(no_audience_header.clone());
+    let entry = |mut predicates: Vec<Predicate>, audience: &Audience| {
         predicates.push(no_audience_query.clone());
-        entries.push(Entry {
+        Entry {
             predicates,
-            audience: rule.audience.clone(),
-        });
+            audience: audience.clone(),
+        }
+    };
+    let mut entries = Vec::new();
+    for (rule, destination) in &fast {
+        let mut predicates = destination.clone();
+        predicates.push(no_audience_header.clone());
+        entries.push(entry(predicates, rule.audience));
     }
     for audience in &settings.fast_path {
         let named = Predicate::Exact(Input::Header(header.clone()), audience.as_str().into());
         if rules.is_empty() {
-            if tls {
-                continue;
+            // Inside TLS the host = SNI check cannot be a matcher here.
+            if !tls {
+                let mut predicates = vec![named, dns_name_predicate()];
+                if !settings.allow_local {
+                    predicates.push(not_local_name_predicate());
+                }
+                entries.push(entry(predicates, audience));
             }
-            let mut predicates = vec![named, dns_name_predicate()];
-            if !settings.allow_local {
-                predicates.push(not_local_name_predicate());
-            }
-            predicates.push(no_audience_query.clone());
-            entries.push(Entry {
-                predicates,
-                audience: audience.clone(),
-            });
             continue;
         }
-        for rule in fast.iter().filter(|rule| rule.audience == audience) {
-            let Some(sni) = sni_predicate(rule, tls) else {
-                continue;
-            };
-            let mut predicates = vec![named.clone(), authority_predicate(rule, tls)];
-            predicates.extend(sni);
-            predicates.push(no_audience_query.clone());
-            entries.push(Entry {
-                predicates,
-                audience: audience.clone(),
-            });
+        for (_, destination) in fast.iter().filter(|(rule, _)| rule.audience == audience) {
+            let mut predicates = vec![named.clone()];
+            predicates.extend(destination.iter().cloned());
+            entries.push(entry(predicates, audience));
         }
     }
     entries
+}
+
+/// The predicates that select `rule`'s destination: its `:authority`, and
+/// inside intercepted TLS the SNI naming the same host (the processor
+/// answers 421 otherwise). `None`: the rule cannot be checked so (an IP
+/// address inside TLS: clients send no SNI for one), it stays with the
+/// processor.
+fn destination_predicates(rule: &FastRule<'_>, tls: bool) -> Option<Vec<Predicate>> {
+    let authority = authority_predicate(rule, tls);
+    if !tls {
+        return Some(vec![authority]);
+    }
+    match rule.host {
+        Host::Name(name) => Some(vec![
+            authority,
+            Predicate::Regex(Input::ServerName, format!("(?i){}\\.?", escape(name))),
+        ]),
+        Host::Ip(_) => None,
+    }
 }
 
 /// `:authority` names the rule's host: any case, a trailing dot, the
@@ -143,23 +155,6 @@ fn authority_predicate(rule: &FastRule<'_>, tls: bool) -> Predicate {
         Some(port) => format!(":{port}"),
     };
     Predicate::Regex(Input::Header(":authority".into()), format!("{host}{port}"))
-}
-
-/// Inside intercepted TLS the processor answers 421 unless the host is the
-/// SNI: the fast path requires the SNI to name the rule's host. `None`:
-/// the rule cannot be checked so (an IP address: clients send no SNI for
-/// one), leave it to the processor. Outside TLS: no condition.
-fn sni_predicate(rule: &FastRule<'_>, tls: bool) -> Option<Option<Predicate>> {
-    if !tls {
-        return Some(None);
-    }
-    match rule.host {
-        Host::Name(name) => Some(Some(Predicate::Regex(
-            Input::ServerName,
-            format!("(?i){}\\.?", escape(name)),
-        ))),
-        Host::Ip(_) => None,
-    }
 }
 
 /// A DNS name (at least two labels, the last starting with a letter, so

@@ -155,7 +155,7 @@ fn bootstrap(settings: &EnvoySettings, proxy: SocketAddr, stats: Option<SocketAd
     );
     let mut summary = summary(&plain, "plain HTTP");
     summary.push_str(&self::summary(&intercept, "inside intercepted TLS"));
-    BOOTSTRAP
+    let text = BOOTSTRAP
         .replace("{{FAST_PATH_SUMMARY}}\n", &summary)
         .replace("{{FORWARD_PROXY_FILTER}}\n", &forward_filter.into_string())
         .replace(
@@ -168,10 +168,8 @@ fn bootstrap(settings: &EnvoySettings, proxy: SocketAddr, stats: Option<SocketAd
         )
         .replace("{{INTERCEPT_FILTER}}\n", &intercept_filter.into_string())
         .replace("{{PROXY_SOCKET}}", &socket_address(proxy))
-        .replace("{{PROXY}}", &proxy.to_string())
-        .replace("{{PROCESSOR}}", &processor_text(&settings.grpc))
-        .replace("{{PROCESSOR_ADDRESS}}", &processor_address(&settings.grpc))
-        .replace("{{AUDIENCE_HEADER}}", &quote(&settings.audience.header))
+        .replace("{{PROXY}}", &proxy.to_string());
+    fill_shared(&text, settings)
 }
 
 fn istio(settings: &EnvoySettings) -> String {
@@ -182,9 +180,16 @@ fn istio(settings: &EnvoySettings) -> String {
     let filter = filter
         .into_string()
         .replacen("      - name:", "        name:", 1);
-    ISTIO
+    let text = ISTIO
         .replace("{{FAST_PATH_SUMMARY}}", &summary(&plain, "outbound HTTP"))
-        .replace("{{FILTER}}\n", &filter)
+        .replace("{{FILTER}}\n", &filter);
+    fill_shared(&text, settings)
+}
+
+/// The holes both templates have: the processor's address and the audience
+/// header.
+fn fill_shared(template: &str, settings: &EnvoySettings) -> String {
+    template
         .replace("{{PROCESSOR}}", &processor_text(&settings.grpc))
         .replace("{{PROCESSOR_ADDRESS}}", &processor_address(&settings.grpc))
         .replace("{{AUDIENCE_HEADER}}", &quote(&settings.audience.header))
@@ -383,76 +388,74 @@ fn write_filter(
         out.block(indent + 4, &ext_proc);
         return;
     }
-    let body = indent + 4;
-    out.line(
-        body,
-        "\"@type\": type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+    out.block(
+        indent + 4,
+        r#""@type": type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher
+extension_config:
+  name: envoy.filters.http.composite
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite
+xds_matcher:
+"#,
     );
-    out.line(body, "extension_config:");
-    out.line(body + 2, "name: envoy.filters.http.composite");
-    out.line(body + 2, "typed_config:");
-    out.line(
-        body + 4,
-        "\"@type\": type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite",
-    );
-    out.line(body, "xds_matcher:");
     let inject = |out: &mut Lines, at: usize, audience: &Audience| {
-        out.line(at, "action:");
-        out.line(
-            at + 2,
-            &format!("name: {}", quote(&format!("token {audience}"))),
-        );
-        out.line(at + 2, "typed_config:");
-        execute(out, at + 4);
-        out.line(at + 6, "name: envoy.filters.http.credential_injector");
-        out.line(at + 6, "typed_config:");
-        let c = at + 8;
-        out.line(
-            c,
-            "\"@type\": type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
-        );
-        out.line(c, "overwrite: true");
-        out.line(c, "allow_request_without_credential: false");
-        out.line(c, "credential:");
-        out.line(c + 2, "name: envoy.http.injected_credentials.generic");
-        out.line(c + 2, "typed_config:");
-        out.line(
-            c + 4,
-            "\"@type\": type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic",
-        );
-        out.line(c + 4, "credential:");
-        out.line(
-            c + 6,
-            &format!(
-                "name: {}",
-                quote(&crate::sds::tokens::secret_name(audience.as_str()))
-            ),
-        );
-        out.line(c + 6, "sds_config:");
-        out.block(
-            c + 8,
-            "resource_api_version: V3\napi_config_source:\n  api_type: DELTA_GRPC\n  transport_api_version: V3\n  grpc_services:\n  - envoy_grpc:\n      cluster_name: kube_audience_proxy\n",
+        let action = quote(&format!("token {audience}"));
+        let config = credential_injector_config(audience);
+        execute(
+            out,
+            at,
+            &action,
+            "envoy.filters.http.credential_injector",
+            &config,
         );
     };
     let fallback = |out: &mut Lines, at: usize| {
-        out.line(at, "action:");
-        out.line(at + 2, "name: ext-proc");
-        out.line(at + 2, "typed_config:");
-        execute(out, at + 4);
-        out.line(at + 6, &format!("name: {FILTER_NAME}"));
-        out.line(at + 6, "typed_config:");
-        out.block(at + 8, &ext_proc);
+        execute(out, at, "ext-proc", FILTER_NAME, &ext_proc);
     };
-    fast_path::write_matcher(out, body + 2, entries, &inject, &fallback);
+    fast_path::write_matcher(out, indent + 6, entries, &inject, &fallback);
 }
 
-/// The `ExecuteFilterAction` header; its `typed_config:` follows at `at + 2`.
-fn execute(out: &mut Lines, at: usize) {
+/// `credential_injector`'s `typed_config` body (at column 0): the Generic
+/// credential from `audience`'s SDS token secret, overwriting any
+/// `authorization` the client sent, never a request without it (401).
+fn credential_injector_config(audience: &Audience) -> String {
+    let secret = quote(&crate::sds::tokens::secret_name(audience.as_str()));
+    format!(
+        r#""@type": type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector
+overwrite: true
+allow_request_without_credential: false
+credential:
+  name: envoy.http.injected_credentials.generic
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic
+    credential:
+      name: {secret}
+      sds_config:
+        resource_api_version: V3
+        api_config_source:
+          api_type: DELTA_GRPC
+          transport_api_version: V3
+          grpc_services:
+          - envoy_grpc:
+              cluster_name: kube_audience_proxy
+"#
+    )
+}
+
+/// A matcher's `action:` at `at`: the composite filter runs `filter`
+/// (named so) with `config` as its `typed_config` body.
+fn execute(out: &mut Lines, at: usize, action: &str, filter: &str, config: &str) {
+    out.line(at, "action:");
+    out.line(at + 2, &format!("name: {action}"));
+    out.line(at + 2, "typed_config:");
     out.line(
-        at,
+        at + 4,
         "\"@type\": type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
     );
-    out.line(at, "typed_config:");
+    out.line(at + 4, "typed_config:");
+    out.line(at + 6, &format!("name: {filter}"));
+    out.line(at + 6, "typed_config:");
+    out.block(at + 8, config);
 }
 
 #[cfg(test)]

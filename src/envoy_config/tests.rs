@@ -227,3 +227,23 @@ fn the_regexes_match_what_they_say() {
     let default_port = entries_for(&["--audience-rule=a.example:80=aud"], Listener::Plain);
     assert!(full_match(&default_port[0].predicates[0], "a.example"));
 }
+
+#[test]
+fn every_format_fills_every_hole() {
+    for format in ["bootstrap", "istio", "configmap"] {
+        let text = generate_for(&[
+            &format!("--format={format}"),
+            "--audience-rule=https://a.example=aud",
+            "--audience-rule=b.example:8080=aud",
+            "--prefetch-audience=other",
+            "--envoy-stats-listen-address=127.0.0.1:9902",
+            "--grpc-listen-address=unix:/run/kap.sock",
+        ])
+        .unwrap();
+        assert!(!text.contains("{{"), "{format}: a hole left:\n{text}");
+        assert!(
+            text.contains("pipe: { path: \"/run/kap.sock\" }"),
+            "{format}"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use tonic::{Status, Streaming};
 
 use super::certs::{self, Certificates};
 use super::tokens::{self, TokenSecrets};
-use super::{StreamEnv, check_type, closed, hold, note_ack, sleep_until};
+use super::{StreamEnv, check_type, closed, earliest, hold, note_ack, sleep_until};
 
 /// One delta stream: subscribed names (as requested) with the version sent
 /// and when it must be rotated, each holding a `--max-certificates` slot.
@@ -147,10 +147,7 @@ impl<'a> DeltaStream<'a> {
 
     pub(super) fn next_rotation(&self) -> Option<Instant> {
         let leaves = self.subscribed.values().map(|s| s.rotate_at).min();
-        match (leaves, self.token_names.next_expiry()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        earliest(leaves, self.token_names.next_expiry())
     }
 
     /// Re-mints every secret due and returns the push, if any.

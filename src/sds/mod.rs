@@ -127,6 +127,14 @@ struct StreamEnv {
 
 /// Holds a certificate slot for `name`, refusing every name without
 /// interception.
+/// The sooner of two optional deadlines (`None`: no deadline).
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 fn hold<'a>(
     certs: Option<&'a Certificates>,
     name: &str,

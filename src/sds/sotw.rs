@@ -16,7 +16,7 @@ use tonic::{Status, Streaming};
 
 use super::certs::{self, Certificates};
 use super::tokens::{self, TokenSecrets};
-use super::{StreamEnv, check_type, closed, hold, note_ack, sleep_until};
+use super::{StreamEnv, check_type, closed, earliest, hold, note_ack, sleep_until};
 
 pub(super) async fn serve_sotw(
     StreamEnv {
@@ -111,10 +111,7 @@ impl<'a> SotwStream<'a> {
 
     /// When to send the set again: the soonest leaf rotation or token end.
     pub(super) fn next_wakeup(&self) -> Option<Instant> {
-        match (self.rotation, self.token_names.next_expiry()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        earliest(self.rotation, self.token_names.next_expiry())
     }
 
     /// Whether a token in the set changed (new, or gone unusable) since
@@ -153,21 +150,7 @@ impl<'a> SotwStream<'a> {
             }
         }
         if let Some(secrets) = self.tokens {
-            // Sync records what this response carries; every usable token
-            // of the set is in it.
-            let _ = self.token_names.sync(secrets, Instant::now());
-            for name in &self.names {
-                if !self.token_names.contains(name) {
-                    continue;
-                }
-                if let Some(ready) = secrets.ready(name, Instant::now()) {
-                    resources.push(ready.any(name));
-                } else if self.token_names.is_withdrawn(name) {
-                    // Envoy rejects a response without the secret and
-                    // would keep the old token: the empty one fails closed.
-                    resources.push(tokens::withdrawn_any(name));
-                }
-            }
+            resources.extend(self.token_names.set(secrets, Instant::now()));
         }
         self.nonce += 1;
         DiscoveryResponse {

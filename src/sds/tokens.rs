@@ -250,25 +250,21 @@ impl Subscriptions {
 
     /// Compares what was sent with the store at `now`: a new token to send
     /// for a name whose serial changed, a withdrawal for a sent token that
-    /// is no longer usable.
+    /// is no longer usable (delta: only what changed is sent).
     pub(crate) fn sync(&mut self, secrets: &TokenSecrets, now: Instant) -> Changes {
         let mut changes = Changes::default();
         for (name, sent) in &mut self.names {
-            match (secrets.ready(name, now), *sent) {
-                (Some(ready), Sent::Token(serial, _)) if ready.serial == serial => {}
-                (Some(ready), _) => {
-                    *sent = Sent::Token(ready.serial, ready.usable_until);
-                    secrets.metrics.sent.inc();
-                    changes.sent.push((name.clone(), ready));
+            let ready = secrets.ready(name, now);
+            match advance(secrets, sent, ready.as_ref()) {
+                Some(Sent::Token(..)) => {
+                    if let Some(ready) = ready {
+                        changes.sent.push((name.clone(), ready));
+                    }
                 }
-                (None, Sent::Token(serial, _)) => {
-                    *sent = Sent::Withdrawn(serial);
-                    secrets.metrics.withdrawn.inc();
-                    changes
-                        .withdrawn
-                        .push((name.clone(), format!("{serial}-withdrawn")));
-                }
-                (None, Sent::Nothing | Sent::Withdrawn(_)) => {}
+                Some(Sent::Withdrawn(serial)) => changes
+                    .withdrawn
+                    .push((name.clone(), withdrawn_version(serial))),
+                Some(Sent::Nothing) | None => {}
             }
         }
         changes.sent.sort_by(|a, b| a.0.cmp(&b.0));
@@ -276,20 +272,29 @@ impl Subscriptions {
         changes
     }
 
-    /// Whether `name`'s secret is withdrawn (sent empty) now.
-    pub(crate) fn is_withdrawn(&self, name: &str) -> bool {
-        matches!(self.names.get(name), Some(Sent::Withdrawn(_)))
+    /// The whole set at `now`, for a state-of-the-world response: every
+    /// usable token, and the empty secret for every name whose token was
+    /// withdrawn (Envoy rejects a response without it and would keep the
+    /// old token). Records what it carries, as [`sync`](Self::sync) does.
+    pub(crate) fn set(&mut self, secrets: &TokenSecrets, now: Instant) -> Vec<Any> {
+        let mut set = Vec::new();
+        for (name, sent) in &mut self.names {
+            let ready = secrets.ready(name, now);
+            advance(secrets, sent, ready.as_ref());
+            match (ready, *sent) {
+                (Some(ready), _) => set.push(ready.any(name)),
+                (None, Sent::Withdrawn(_)) => set.push(withdrawn_any(name)),
+                (None, Sent::Token(..) | Sent::Nothing) => {}
+            }
+        }
+        set
     }
 
     /// Whether [`sync`](Self::sync) would change anything at `now`.
     pub(crate) fn pending(&self, secrets: &TokenSecrets, now: Instant) -> bool {
         self.names
             .iter()
-            .any(|(name, sent)| match (secrets.ready(name, now), *sent) {
-                (Some(ready), Sent::Token(serial, _)) => ready.serial != serial,
-                (Some(_), Sent::Nothing | Sent::Withdrawn(_)) | (None, Sent::Token(..)) => true,
-                (None, Sent::Nothing | Sent::Withdrawn(_)) => false,
-            })
+            .any(|(name, sent)| transition(secrets.ready(name, now).as_ref(), *sent).is_some())
     }
 
     /// When the soonest sent token stops being usable (and must be
@@ -303,6 +308,34 @@ impl Subscriptions {
             })
             .min()
     }
+}
+
+/// What a name's record becomes given the token usable now (`None`:
+/// unchanged): the one state machine of token subscriptions.
+fn transition(ready: Option<&Ready>, sent: Sent) -> Option<Sent> {
+    match (ready, sent) {
+        (Some(ready), Sent::Token(serial, _)) if ready.serial == serial => None,
+        (Some(ready), _) => Some(Sent::Token(ready.serial, ready.usable_until)),
+        (None, Sent::Token(serial, _)) => Some(Sent::Withdrawn(serial)),
+        (None, Sent::Nothing | Sent::Withdrawn(_)) => None,
+    }
+}
+
+/// Applies [`transition`] to `sent` and counts it; the new record, if it changed.
+fn advance(secrets: &TokenSecrets, sent: &mut Sent, ready: Option<&Ready>) -> Option<Sent> {
+    let next = transition(ready, *sent)?;
+    *sent = next;
+    match next {
+        Sent::Token(..) => secrets.metrics.sent.inc(),
+        Sent::Withdrawn(_) => secrets.metrics.withdrawn.inc(),
+        Sent::Nothing => 0,
+    };
+    Some(next)
+}
+
+/// The delta version of a withdrawn secret: differs from the token's.
+fn withdrawn_version(serial: u64) -> String {
+    format!("{serial}-withdrawn")
 }
 
 /// Waits for the next write to the store; never completes without one
